@@ -1,0 +1,1 @@
+"""Pure-PyTorch references of every op (dense, exact, float64-capable): the test oracles."""
