@@ -91,6 +91,20 @@ class Op:
     name: str
     impls: Dict[str, Callable] = field(default_factory=dict)
     checks: Dict[str, Callable[..., Optional[str]]] = field(default_factory=dict)
+    pending: List[str] = field(default_factory=list)
+    import_errors: List[str] = field(default_factory=list)
+
+    def lazy(self, *modules: str) -> None:
+        """Modules that register more backends of this op, imported on first use.
+
+        Deferring the import keeps ``import cdlm_fast`` light and lets a program set
+        ``TRITON_INTERPRET`` before the first Triton kernel is defined.
+        """
+        self.pending.extend(modules)
+
+    def _load(self) -> None:
+        while self.pending:
+            self.import_errors += load_optional(self.pending.pop(0))
 
     def register(self, backend: str, fn: Callable, supports: Optional[Callable[..., Optional[str]]] = None):
         self.impls[backend] = fn
@@ -98,11 +112,13 @@ class Op:
             self.checks[backend] = supports
 
     def reason(self, backend: str, device: torch.device, **meta) -> Optional[str]:
+        self._load()
         why = device_reason(backend, device)
         if why is not None:
             return why
         if backend not in self.impls:
-            return f"no {backend} implementation of {self.name} is available in this build"
+            detail = "; ".join(self.import_errors)
+            return f"no {backend} implementation of {self.name} is available" + (f" ({detail})" if detail else "")
         check = self.checks.get(backend)
         return None if check is None else check(**meta)
 

@@ -23,7 +23,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .. import _validate as V
-from ..backends import load_optional, op
+from ..backends import op
 from ..reference.attention import attention_reference
 
 __all__ = ["attention"]
@@ -37,7 +37,7 @@ def _torch_impl(q, k, v, bias, prefix_len, kv_lens, q_offset, block_size, scale)
 
 
 _OP.register("torch", _torch_impl)
-IMPORT_ERRORS = load_optional("cdlm_fast.kernels.attention") + load_optional("cdlm_fast._cuda_ops")
+_OP.lazy("cdlm_fast.kernels.attention", "cdlm_fast._cuda_ops")
 
 
 def _check(q, k, v, bias, prefix_len, block_size, q_offset, kv_lens, scale):

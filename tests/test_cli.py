@@ -1,0 +1,57 @@
+"""The command line: exit codes, JSON output, one-line errors."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, timeout=600):
+    env = dict(os.environ)
+    return subprocess.run([sys.executable, "-m", "cdlm_fast", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_env_json_parses_and_lists_backends():
+    r = run_cli("env", "--json")
+    assert r.returncode == 0, r.stderr
+    data = json.loads(r.stdout)
+    assert data["torch"]
+    assert "attention" in data["backends"]
+    assert data["backends"]["attention"]["torch"] is None  # the reference always runs
+
+
+def test_env_text():
+    r = run_cli("env")
+    assert r.returncode == 0, r.stderr
+    assert "attention" in r.stdout and "torch" in r.stdout
+
+
+def test_bad_subcommand_is_one_line_error():
+    r = run_cli("no-such-command")
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cdlm-fast: error:"), r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_bad_option_is_one_line_error():
+    r = run_cli("env", "--frobnicate")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_selfcheck_json_passes():
+    r = run_cli("selfcheck", "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    data = json.loads(r.stdout)
+    assert data["failed"] == 0
+    ran = [x for x in data["results"] if x["passed"] is not None]
+    assert any(x["op"] == "attention" and x["backend"] == "torch" for x in ran)
+    assert all(x["passed"] for x in ran)
+
+
+def test_quiet_prints_nothing():
+    r = run_cli("env", "--quiet")
+    assert r.returncode == 0 and r.stdout == ""
