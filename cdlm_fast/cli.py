@@ -77,6 +77,36 @@ def cmd_main_job(args) -> int:
     return EXIT_FAIL if failed else EXIT_OK
 
 
+def cmd_bench(args) -> int:
+    import pathlib
+
+    from . import bench_report as br
+
+    suites = br.SUITES if args.suite == "all" else (args.suite,)
+    out_dir = pathlib.Path(args.out) if args.out else br.bench_dir() / "results"
+    report = {}
+    for suite in suites:
+        path = br.run_suite(suite, quick=args.quick, out_dir=out_dir, quiet=args.quiet or args.json)
+        loaded = br.load_rows(path)
+        rows = br.summarise(loaded["rows"], loaded["meta"].get("peaks"))
+        png = br.plot(rows, path.with_suffix(".png"), f"{suite} on {loaded['meta'].get('device', '?')}")
+        report[suite] = {"json": str(path), "png": None if png is None else str(png), "meta": loaded["meta"],
+                         "rows": rows}
+        if not args.json and not args.quiet:
+            meta = loaded["meta"]
+            peaks = meta.get("peaks") or {}
+            print(f"\n== {suite} on {meta.get('device', '?')} (torch {meta.get('torch')}, triton {meta.get('triton')}"
+                  + (", Triton interpreter" if meta.get("triton_interpreter") else "") + ")")
+            if peaks:
+                print(f"   measured peaks: copy {peaks['copy_gbps']:.0f} GB/s, bf16 matmul "
+                      f"{peaks['bf16_matmul_tflops']:.0f} TFLOP/s")
+            print(br.format_table(rows))
+            print(f"   results: {path}" + (f"\n   plot:    {png}" if png else ""))
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -88,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_env)
     p = sub.add_parser("selfcheck", parents=[common], help="check every available backend against the reference")
     p.set_defaults(fn=cmd_selfcheck)
+    p = sub.add_parser("bench", parents=[common], help="run the latency suites against their peers")
+    p.add_argument("suite", nargs="?", default="all", choices=("attention", "solvers", "compaction", "decode", "all"))
+    p.add_argument("--quick", action="store_true", help="small shapes (the default without a GPU)")
+    p.add_argument("--out", default=None, help="folder for the JSON and PNG (default bench/results)")
+    p.set_defaults(fn=cmd_bench)
     p = sub.add_parser("check", parents=[common], help="env report + self-check (the default job)")
     p.set_defaults(fn=cmd_main_job)
     parser.set_defaults(fn=cmd_main_job)
@@ -103,7 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as e:
         print(f"cdlm-fast: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
         print(f"cdlm-fast: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

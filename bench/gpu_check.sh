@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Full GPU validation in one run, for a bare CUDA machine with no network:
+#   1. build the CUDA extension against the torch that is installed (CUTLASS headers from an
+#      nvidia-cutlass wheel in ./.whl if `cutlass_library` is not importable);
+#   2. run the whole test suite on the GPU (Triton and CUDA backends);
+#   3. compute-sanitizer memcheck + racecheck on small cases of every CUDA kernel;
+#   4. measure copy bandwidth and bf16 matmul peak, then run every benchmark suite.
+# Everything lands in $OUT_DIR (default: bench/results/gpu-<date>).
+#
+#   bash bench/gpu_check.sh [OUT_DIR]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR="${1:-${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}}"
+mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
+status=0
+step() { echo; echo "=== $*"; }
+
+if ! python -c "import cutlass_library" 2>/dev/null && ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1; then
+  step "installing CUTLASS headers from .whl/"
+  python -m pip install -q --no-index --no-deps --target /tmp/cdlm_site .whl/nvidia_cutlass-*.whl
+  export CUTLASS_INCLUDE=$(echo /tmp/cdlm_site/cutlass_library/source/include)
+fi
+
+step "build (sm_${CDLM_FAST_CUDA_ARCHS:-80;90a})"
+( time CDLM_FAST_BUILD_CUDA=1 python setup.py build_ext --inplace ) > "$OUT_DIR/build.log" 2>&1 || { tail -50 "$OUT_DIR/build.log"; exit 1; }
+tail -3 "$OUT_DIR/build.log"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+step "environment"
+python -m cdlm_fast env | tee "$OUT_DIR/env.txt"
+python -m cdlm_fast env --json > "$OUT_DIR/env.json"
+
+step "tests on the GPU"
+python -m pytest tests -q -x --junitxml="$OUT_DIR/tests.xml" 2>&1 | tee "$OUT_DIR/tests.log" | tail -30 || status=1
+
+if command -v compute-sanitizer >/dev/null 2>&1; then
+  for tool in memcheck racecheck; do
+    step "compute-sanitizer --tool $tool"
+    compute-sanitizer --tool "$tool" --error-exitcode 9 python -m pytest tests -q -x -k "cuda" \
+      > "$OUT_DIR/sanitizer-$tool.log" 2>&1 || { status=1; tail -30 "$OUT_DIR/sanitizer-$tool.log"; }
+    tail -3 "$OUT_DIR/sanitizer-$tool.log"
+  done
+else
+  echo "compute-sanitizer not found: skipped" | tee "$OUT_DIR/sanitizer.log"
+fi
+
+step "benchmarks"
+python -m cdlm_fast bench all --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench.txt" || status=1
+exit $status
