@@ -5,11 +5,13 @@ Public ops (each with ``backend="auto" | "cuda" | "triton" | "torch"``):
 
 * :func:`attention` -- block-causal attention with a per-key bias, optional lse;
 * :func:`nnls`, :func:`nnls_gram` -- batched non-negative least squares;
-* :func:`lstsq` -- batched (ridge) least squares.
+* :func:`lstsq`, :func:`lstsq_gram` -- batched (ridge) least squares;
+* :func:`exp_gram` -- fused Gram matrices of exp-score design matrices (Attention Matching fits).
 """
 __version__ = "0.1.0"
 
 from .ops.attention import attention  # noqa: E402
-# from .ops.solvers import NNLSResult, lstsq, nnls, nnls_gram  # noqa: E402
+from .ops.gram import exp_gram  # noqa: E402
+from .ops.solvers import NNLSResult, lstsq, lstsq_gram, nnls, nnls_gram  # noqa: E402
 
-__all__ = ["attention", "nnls", "nnls_gram", "lstsq", "NNLSResult", "__version__"]
+__all__ = ["attention", "nnls", "nnls_gram", "lstsq", "lstsq_gram", "exp_gram", "NNLSResult", "__version__"]

@@ -29,9 +29,20 @@ BACKENDS = ("cuda", "triton", "torch")
 _AUTO_ORDER = ("cuda", "triton", "torch")
 
 
-@functools.lru_cache(maxsize=None)
+# Under ``torch.compile`` the lookups below (imports, cached probes) run once at trace time and
+# their results are constants of the graph, so that a function calling an op compiles with
+# ``fullgraph=True`` (dynamo does not trace ``importlib``, and ignores ``lru_cache`` wrappers).
+_trace_constant = torch.compiler.assume_constant_result
+
+
+@_trace_constant
 def triton_available() -> Optional[str]:
     """``None`` if Triton can run here, else the reason it cannot."""
+    return _triton_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_available() -> Optional[str]:
     try:
         import triton  # noqa: F401
     except Exception as e:  # pragma: no cover - depends on the machine
@@ -52,8 +63,14 @@ def cuda_extension() -> Optional[object]:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@_trace_constant
 def cuda_extension_error() -> Optional[str]:
+    """``None`` if ``cdlm_fast._C`` loads, else the reason it does not."""
+    return _cuda_extension_error()
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_extension_error() -> Optional[str]:
     try:
         importlib.import_module("cdlm_fast._C")
     except Exception as e:
@@ -103,8 +120,7 @@ class Op:
         self.pending.extend(modules)
 
     def _load(self) -> None:
-        while self.pending:
-            self.import_errors += load_optional(self.pending.pop(0))
+        _load_pending(self.name)  # not `if self.pending:`, which torch.compile would guard on
 
     def register(self, backend: str, fn: Callable, supports: Optional[Callable[..., Optional[str]]] = None):
         self.impls[backend] = fn
@@ -120,7 +136,7 @@ class Op:
             detail = "; ".join(self.import_errors)
             return f"no {backend} implementation of {self.name} is available" + (f" ({detail})" if detail else "")
         check = self.checks.get(backend)
-        return None if check is None else check(**meta)
+        return None if check is None or not meta else check(**meta)
 
     def select(self, backend: str, device: torch.device, **meta) -> str:
         """Resolve ``backend`` ("auto" or explicit) to a backend name, or raise ``ValueError``."""
@@ -158,6 +174,15 @@ def op(name: str) -> Op:
     if name not in OPS:
         OPS[name] = Op(name)
     return OPS[name]
+
+
+@_trace_constant
+def _load_pending(name: str) -> int:
+    """Import the pending backend modules of op ``name``; the number of import errors."""
+    o = OPS[name]
+    while o.pending:
+        o.import_errors += load_optional(o.pending.pop(0))
+    return len(o.import_errors)
 
 
 def load_optional(module: str) -> List[str]:
