@@ -1,0 +1,9 @@
+// Instantiation of the fused attention kernels for bf16, head dim 128 (one file per
+// combination so the build compiles them in parallel).
+#include "attention_kernel.cuh"
+
+namespace cdlm_fast {
+namespace attn {
+template void run_attn_fwd<cute::bfloat16_t, 128>(const AttnParams&, bool, cudaStream_t);
+}  // namespace attn
+}  // namespace cdlm_fast
