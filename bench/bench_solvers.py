@@ -73,7 +73,7 @@ def _report(benchmark, pb, x):
     benchmark.extra_info["rel_excess_objective_max"] = float(excess.max())
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 def test_nnls_gram_ours(benchmark, problem, backend):
     why = op("nnls_gram").reason(backend, torch.device(DEV))
     if why is not None:
@@ -120,10 +120,14 @@ def test_nnls_clamp_projected_gradient(benchmark, problem):
     _report(benchmark, problem, x)
 
 
+@pytest.mark.parametrize("backend", ["torch", "cuda"])
 @pytest.mark.parametrize("ridge", [0.0, 1e-6])
-def test_lstsq_gram_ours(benchmark, problem, ridge):
-    X = _time(benchmark, problem, lambda: lstsq_gram(problem["G"], problem["R"], ridge=ridge),
-              op_name="lstsq_gram", group=f"lstsq ridge={ridge}", impl="cdlm_fast/torch", ours=True)
+def test_lstsq_gram_ours(benchmark, problem, ridge, backend):
+    why = op("lstsq_gram").reason(backend, torch.device(DEV))
+    if why is not None:
+        pytest.skip(why)
+    X = _time(benchmark, problem, lambda: lstsq_gram(problem["G"], problem["R"], ridge=ridge, backend=backend),
+              op_name="lstsq_gram", group=f"lstsq ridge={ridge}", impl=f"cdlm_fast/{backend}", ours=True)
     benchmark.extra_info["residual"] = _ls_residual(problem, X)
 
 

@@ -3,7 +3,8 @@
 Importing this module loads ``cdlm_fast._C`` if it was built (its static initialisers
 register the ops ``torch.ops.cdlm_fast.*`` with the dispatcher), registers their fake
 (meta) implementations so they trace under ``torch.compile`` / ``FakeTensorMode``, and
-registers backend ``"cuda"`` for the ops ``"attention"`` and ``"exp_gram"`` in
+registers backend ``"cuda"`` for the ops ``"attention"``, ``"exp_gram"``, ``"nnls_gram"`` and
+``"lstsq_gram"`` in
 :mod:`cdlm_fast.backends`. Without the extension it registers nothing (the registry then
 reports why the backend is unavailable).
 
@@ -23,6 +24,14 @@ Ops (schemas are defined in ``csrc/bindings.cpp``)::
         A[p, i, j] = exp(scale * Q[p, i] . C[p, j] + beta[p, j] - shift[p, i]):
         G = A^T A [P, t, t] and R = A^T Y [P, t, e] (Y None: a column of ones, e = 1), float32.
 
+    cdlm_fast::nnls_admm_step(Tensor M, Tensor h, Tensor z, Tensor u, Tensor rho)
+        -> (Tensor z_out, Tensor u_out)
+        One ADMM iteration of the NNLS warm-start phase (see ``admm_step_cuda`` below).
+
+    cdlm_fast::lstsq_gram_cholesky(Tensor G, Tensor R, float ridge, float rank_tol)
+        -> (Tensor X, Tensor bad)
+        Batched small-t (<= 64) Cholesky solve (see ``lstsq_gram_cuda`` below).
+
     cdlm_fast::layout_selfcheck() -> str
         Host-side check of the kernel's layout assumptions; "" when all hold.
 """
@@ -34,7 +43,8 @@ import torch
 
 from . import backends
 
-__all__ = ["AVAILABLE", "attention_cuda", "exp_gram_cuda", "attention_supports", "exp_gram_supports"]
+__all__ = ["AVAILABLE", "attention_cuda", "exp_gram_cuda", "attention_supports", "exp_gram_supports",
+           "admm_step_cuda", "nnls_gram_cuda", "lstsq_gram_cuda"]
 
 AVAILABLE = backends.cuda_extension() is not None
 
@@ -145,3 +155,100 @@ if AVAILABLE:
     _register_fakes()
     backends.op("attention").register("cuda", attention_cuda, supports=attention_supports)
     backends.op("exp_gram").register("cuda", exp_gram_cuda, supports=exp_gram_supports)
+
+
+# --------------------------------------------------------------------------- NNLS (ADMM phase)
+#
+#   cdlm_fast::nnls_admm_step(Tensor M, Tensor h, Tensor z, Tensor u, Tensor rho)
+#       -> (Tensor z_out, Tensor u_out)
+#       One fused ADMM iteration of the NNLS warm-start phase for N problems (csrc/nnls_admm.cu):
+#       x = M (h + rho (z - u)), z_out = max(x + u, 0), u_out = u + x - z_out.
+#       M [N, t, t], h/z/u [N, t], rho [N], all float32 or all float64.
+
+NNLS_ADMM_DTYPES = (torch.float32, torch.float64)
+
+
+def admm_step_cuda(M: torch.Tensor, h: torch.Tensor, z: torch.Tensor, u: torch.Tensor,
+                   rho: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Fused ADMM iteration on the GPU; same contract as
+    :func:`cdlm_fast.ops.nnls_active_set.admm_step_torch`.
+
+    ``M [N, t, t]``, ``h, z, u [N, t]``, ``rho [N]``, all float32 or all float64 (mixed inputs
+    are cast to ``M``'s dtype). Returns ``(z' [N, t], u' [N, t])`` in that dtype.
+    """
+    _need_cuda("nnls_admm_step", M=M, h=h, z=z, u=u, rho=rho)
+    if M.dtype not in NNLS_ADMM_DTYPES:
+        raise ValueError(f"nnls_admm_step: M must be float32 or float64, got {str(M.dtype).replace('torch.', '')}")
+    h, z, u, rho = (x.to(M.dtype) for x in (h, z, u, rho))
+    return torch.ops.cdlm_fast.nnls_admm_step(M, h, z, u, rho)
+
+
+def nnls_gram_cuda(G: torch.Tensor, h: torch.Tensor, x0: Optional[torch.Tensor], max_iter: Optional[int],
+                   tol: float, **kwargs):
+    """``nnls_gram`` backend: the shared active-set solver
+    (:func:`cdlm_fast.ops.nnls_active_set.nnls_gram_active_set`) with the CUDA ADMM phase.
+
+    ``G [N, t, t]``, ``h [N, t]``, ``x0 [N, t]`` or None (CUDA tensors). Returns
+    ``(x [N, t] float64, iterations [N] int64, kkt_residual [N] float64, converged [N] bool)``.
+    """
+    _need_cuda("nnls_gram", G=G, h=h, x0=x0)
+    from .ops.nnls_active_set import nnls_gram_active_set
+    return nnls_gram_active_set(G, h, x0, max_iter, tol, admm_step=admm_step_cuda, **kwargs)
+
+
+def _register_nnls_fakes() -> None:
+    @torch.library.register_fake("cdlm_fast::nnls_admm_step")
+    def _nnls_admm_step_fake(M, h, z, u, rho):
+        torch._check(M.dim() == 3 and M.shape[1] == M.shape[2], lambda: f"M must be [N, t, t], got {tuple(M.shape)}")
+        torch._check(z.dim() == 2 and u.dim() == 2, lambda: "z and u must be [N, t]")
+        return z.new_empty(z.shape), u.new_empty(u.shape)
+
+
+# An extension built before this op existed loads without it: register only what is there.
+if AVAILABLE and hasattr(torch.ops.cdlm_fast, "nnls_admm_step"):
+    _register_nnls_fakes()
+    backends.op("nnls_gram").register("cuda", nnls_gram_cuda)
+
+
+# --------------------------------------------------------------------------- least squares
+#
+#   cdlm_fast::lstsq_gram_cholesky(Tensor G, Tensor R, float ridge, float rank_tol)
+#       -> (Tensor X, Tensor bad)
+#       X = (sym(G) + ridge I)^{-1} R by a shared-memory Cholesky, one CTA per problem
+#       (csrc/lstsq_cholesky.cu). G [N, t, t], R [N, t, d] float64, t <= 64. bad [N] bool marks
+#       the problems whose factorisation failed or had a pivot below rank_tol * max(diag)
+#       (their X is 0).
+
+LSTSQ_CHOLESKY_MAX_T = 64
+
+
+def lstsq_gram_cuda(G: torch.Tensor, R: torch.Tensor, ridge: float) -> torch.Tensor:
+    """``lstsq_gram`` backend: ``(G + ridge I)^{-1} R`` in float64 for ``G [N, t, t]``, ``R [N, t, d]``.
+
+    ``t <= 64``: the shared-memory Cholesky kernel; the problems it flags as (numerically)
+    singular, and every problem with ``t > 64``, are solved by the torch backend
+    (``cholesky_ex`` / eigendecomposition pseudo-inverse, cuSOLVER), so the result follows the
+    rules of :func:`cdlm_fast.ops.solvers.lstsq_gram` for any input. Returns ``X [N, t, d]`` float64.
+    """
+    _need_cuda("lstsq_gram", G=G, R=R)
+    from .ops import solvers
+    N, t, _ = G.shape
+    if N == 0 or t == 0 or t > LSTSQ_CHOLESKY_MAX_T:
+        return solvers._lstsq_gram_torch(G, R, ridge)
+    X, bad = torch.ops.cdlm_fast.lstsq_gram_cholesky(G.double(), R.double(), float(ridge), solvers._RANK_TOL)
+    if bool(bad.any()):
+        idx = bad.nonzero().squeeze(-1)
+        X[idx] = solvers._lstsq_gram_torch(G[idx], R[idx], ridge)
+    return X
+
+
+def _register_lstsq_fakes() -> None:
+    @torch.library.register_fake("cdlm_fast::lstsq_gram_cholesky")
+    def _lstsq_gram_cholesky_fake(G, R, ridge, rank_tol):
+        torch._check(G.dim() == 3 and R.dim() == 3, lambda: "G and R must be [N, t, t] and [N, t, d]")
+        return R.new_empty(R.shape), G.new_empty(G.shape[:1], dtype=torch.bool)
+
+
+if AVAILABLE and hasattr(torch.ops.cdlm_fast, "lstsq_gram_cholesky"):
+    _register_lstsq_fakes()
+    backends.op("lstsq_gram").register("cuda", lstsq_gram_cuda)

@@ -231,3 +231,128 @@ def test_gpu_opcheck():
     args[4].fill_(20)
     args[5].fill_(60)
     torch.library.opcheck(torch.ops.cdlm_fast.attention_fwd.default, tuple(args))
+
+
+# ---------------------------------------------------------------------------------------
+# Solver ops: nnls_admm_step (ADMM phase of the NNLS solver) and lstsq_gram_cholesky.
+
+@needs_ext
+def test_solver_ops_are_registered_with_schemas():
+    schema = str(torch.ops.cdlm_fast.nnls_admm_step.default._schema)
+    for arg in ("Tensor M", "Tensor h", "Tensor z", "Tensor u", "Tensor rho", "(Tensor z_out, Tensor u_out)"):
+        assert arg in schema, schema
+    schema = str(torch.ops.cdlm_fast.lstsq_gram_cholesky.default._schema)
+    for arg in ("Tensor G", "Tensor R", "float ridge", "float rank_tol", "(Tensor X, Tensor bad)"):
+        assert arg in schema, schema
+    assert backends.op("nnls_gram").impls.get("cuda") is _cuda_ops.nnls_gram_cuda
+    assert backends.op("lstsq_gram").impls.get("cuda") is _cuda_ops.lstsq_gram_cuda
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_solver_ops_meta_shapes(dtype):
+    M = torch.empty(3, 37, 37, dtype=dtype, device="meta")
+    v = torch.empty(3, 37, dtype=dtype, device="meta")
+    z, u = torch.ops.cdlm_fast.nnls_admm_step(M, v, v, v, torch.empty(3, dtype=dtype, device="meta"))
+    assert z.shape == u.shape == (3, 37) and z.dtype == u.dtype == dtype and z.device.type == "meta"
+    G = torch.empty(4, 9, 9, dtype=torch.float64, device="meta")
+    R = torch.empty(4, 9, 5, dtype=torch.float64, device="meta")
+    X, bad = torch.ops.cdlm_fast.lstsq_gram_cholesky(G, R, 0.0, 1e-12)
+    assert X.shape == (4, 9, 5) and X.dtype == torch.float64
+    assert bad.shape == (4,) and bad.dtype == torch.bool
+    torch.library.opcheck(torch.ops.cdlm_fast.nnls_admm_step.default,
+                          (M, v, v, v, torch.empty(3, dtype=dtype, device="meta")),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@needs_ext
+def test_solver_ops_cpu_tensors_raise_value_error():
+    M = torch.eye(4).expand(2, 4, 4).contiguous()
+    v = torch.ones(2, 4)
+    with pytest.raises(ValueError, match="CUDA"):
+        torch.ops.cdlm_fast.nnls_admm_step(M, v, v, v, torch.ones(2))
+    with pytest.raises(ValueError, match="CUDA"):
+        _cuda_ops.admm_step_cuda(M, v, v, v, torch.ones(2))
+    with pytest.raises(ValueError, match="CUDA"):
+        _cuda_ops.nnls_gram_cuda(M.double(), v.double(), None, None, 1e-7)
+    with pytest.raises(ValueError, match="CUDA"):
+        torch.ops.cdlm_fast.lstsq_gram_cholesky(M.double(), v.double().unsqueeze(-1), 0.0, 1e-12)
+    with pytest.raises(ValueError, match="CUDA"):
+        _cuda_ops.lstsq_gram_cuda(M.double(), v.double().unsqueeze(-1), 0.0)
+
+
+def test_public_solvers_backend_cuda_on_cpu_is_a_value_error():
+    G = torch.eye(3).expand(2, 3, 3).contiguous()
+    h = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="backend 'cuda'"):
+        cdlm_fast.nnls_gram(G, h, backend="cuda")
+    with pytest.raises(ValueError, match="backend 'cuda'"):
+        cdlm_fast.nnls(torch.rand(2, 5, 3), torch.rand(2, 5), backend="cuda")
+    with pytest.raises(ValueError, match="backend 'cuda'"):
+        cdlm_fast.lstsq_gram(G, h, backend="cuda")
+
+
+def _admm_inputs(N, t, dtype, seed, strided):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    A = torch.randn(N, t + 3, t, generator=g, device="cuda", dtype=torch.float64)
+    G = A.mT @ A
+    rho = G.diagonal(dim1=-2, dim2=-1).mean(-1)
+    M = torch.linalg.inv(G + rho.view(N, 1, 1) * torch.eye(t, device="cuda", dtype=torch.float64))
+    h = torch.randn(N, t, generator=g, device="cuda", dtype=torch.float64) * 3
+    z = torch.randn(N, t, generator=g, device="cuda", dtype=torch.float64).clamp_min(0)
+    u = torch.randn(N, t, generator=g, device="cuda", dtype=torch.float64)
+    M, h, z, u, rho = (x.to(dtype) for x in (M, h, z, u, rho))
+    if strided:  # rows of M with stride t + 5 (a view into a wider buffer)
+        wide = torch.full((N, t, t + 5), float("nan"), device="cuda", dtype=dtype)
+        wide[:, :, :t] = M
+        M = wide[:, :, :t]
+        assert M.stride(1) == t + 5
+    return [M, h, z, u, rho]
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("N,t,strided", [(3, 1, False), (2, 37, True), (5, 300, False), (2, 1100, True)], ids=str)
+def test_gpu_nnls_admm_step_matches_torch(dtype, N, t, strided):
+    """Odd t, t above the kernel's 1024-entry staging chunk, strided M; three chained steps."""
+    from cdlm_fast.ops.nnls_active_set import admm_step_torch
+    M, h, z, u, rho = _admm_inputs(N, t, dtype, seed=t, strided=strided)
+    z_ref, u_ref = z.double(), u.double()
+    for _ in range(3):
+        _poison_allocator()
+        z, u = _cuda_ops.admm_step_cuda(M, h, z, u, rho)
+        assert z.dtype == u.dtype == dtype and z.shape == u.shape == (N, t)
+        assert not torch.isnan(z).any() and not torch.isnan(u).any()
+        z_ref, u_ref = admm_step_torch(M.double(), h.double(), z_ref, u_ref, rho.double())
+    tol = 1e-4 if dtype == torch.float32 else 1e-11
+    assert (z >= 0).all()
+    assert _rel(z, z_ref) < tol and _rel(u, u_ref) < tol
+
+
+@needs_gpu
+def test_gpu_nnls_admm_step_empty_and_wrong_dtype():
+    z, u = _cuda_ops.admm_step_cuda(*(torch.empty(0, 5, 5, device="cuda"), torch.empty(0, 5, device="cuda"),
+                                      torch.empty(0, 5, device="cuda"), torch.empty(0, 5, device="cuda"),
+                                      torch.empty(0, device="cuda")))
+    assert z.shape == u.shape == (0, 5)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        _cuda_ops.admm_step_cuda(torch.empty(1, 5, 5, device="cuda", dtype=torch.float16),
+                                 *(torch.empty(1, 5, device="cuda"),) * 3, torch.ones(1, device="cuda"))
+
+
+@needs_gpu
+def test_gpu_lstsq_gram_cholesky_flags_singular_problems():
+    g = torch.Generator(device="cuda").manual_seed(5)
+    t, d = 40, 7
+    A = torch.randn(3, 60, t, generator=g, device="cuda", dtype=torch.float64)
+    A[1, :, 3] = A[1, :, 2]
+    G, R = A.mT @ A, torch.randn(3, t, d, generator=g, device="cuda", dtype=torch.float64)
+    _poison_allocator()
+    X, bad = torch.ops.cdlm_fast.lstsq_gram_cholesky(G, R, 0.0, 1e-12)
+    assert bad.tolist() == [False, True, False]
+    assert (X[1] == 0).all() and not torch.isnan(X).any()
+    ref = torch.linalg.solve(G[[0, 2]], R[[0, 2]])
+    assert _rel(X[[0, 2]], ref) < 1e-10
+    torch.library.opcheck(torch.ops.cdlm_fast.lstsq_gram_cholesky.default, (G, R, 0.0, 1e-12))
+    torch.library.opcheck(torch.ops.cdlm_fast.nnls_admm_step.default,
+                          tuple(_admm_inputs(2, 33, torch.float32, seed=1, strided=False)))

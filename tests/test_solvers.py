@@ -11,11 +11,12 @@ from cdlm_fast.ops.solvers import NNLSResult, lstsq, lstsq_gram, nnls, nnls_gram
 from cdlm_fast.reference.lstsq import lstsq_gram_reference
 from cdlm_fast.reference.nnls import kkt_residual, nnls_gram_reference, nnls_reference
 
-NNLS_BACKENDS = ["torch", "triton"]
+NNLS_BACKENDS = ["torch", "triton", "cuda"]
+LSTSQ_BACKENDS = ["torch", "cuda"]
 
 
-def _skip(backend, device):
-    why = op("nnls_gram").reason(backend, torch.device(device))
+def _skip(backend, device, name="nnls_gram"):
+    why = op(name).reason(backend, torch.device(device))
     if why is not None:
         pytest.skip(why)
 
@@ -184,61 +185,123 @@ def _np_lstsq(A, B):
     return torch.from_numpy(np.linalg.lstsq(A.double().numpy(), B.double().numpy(), rcond=None)[0])
 
 
+@pytest.mark.parametrize("backend", LSTSQ_BACKENDS)
 @pytest.mark.parametrize("shape", [(30, 7, 3), (25, 13, 1), (9, 9, 2)], ids=str)
-def test_lstsq_full_rank(shape, device):
+def test_lstsq_full_rank(backend, shape, device):
+    _skip(backend, device, "lstsq_gram")
     n, t, d = shape
     g = torch.Generator().manual_seed(n)
     A, B = torch.randn(2, 3, n, t, generator=g), torch.randn(2, 3, n, d, generator=g)
-    X = lstsq(A.to(device), B.to(device))
+    X = lstsq(A.to(device), B.to(device), backend=backend)
     assert X.shape == (2, 3, t, d) and X.dtype == torch.float32
     for i in range(2):
         for j in range(3):
             ref = _np_lstsq(A[i, j], B[i, j])
             assert float((X[i, j].cpu().double() - ref).norm() / ref.norm()) < 1e-5
-    xv = lstsq(A.double().to(device), B[..., 0].double().to(device))
+    xv = lstsq(A.double().to(device), B[..., 0].double().to(device), backend=backend)
     assert xv.shape == (2, 3, t) and xv.dtype == torch.float64
     ref = _np_lstsq(A[0, 0], B[0, 0, :, 0])
     assert float((xv[0, 0].cpu() - ref).norm() / ref.norm()) < 1e-10
 
 
-def test_lstsq_rank_deficient_is_minimum_norm(device):
+@pytest.mark.parametrize("backend", LSTSQ_BACKENDS)
+def test_lstsq_rank_deficient_is_minimum_norm(backend, device):
+    _skip(backend, device, "lstsq_gram")
     g = torch.Generator().manual_seed(11)
     A = torch.randn(3, 20, 6, generator=g, dtype=torch.float64)
     A[..., 4] = A[..., 1]                     # exact duplicate column
     A[1, :, 5] = 0.0                          # a zero column
     A[2, :, 3] = 2 * A[2, :, 0] - A[2, :, 2]  # linear dependence
     B = torch.randn(3, 20, 2, generator=g, dtype=torch.float64)
-    X = lstsq(A.to(device), B.to(device))
+    X = lstsq(A.to(device), B.to(device), backend=backend)
     assert torch.isfinite(X).all()
     for p in range(3):
         ref = _np_lstsq(A[p], B[p])
         assert float((X[p].cpu() - ref).norm() / ref.norm()) < 1e-6
-    Xg = lstsq_gram((A.mT @ A).to(device), (A.mT @ B).to(device))
+    Xg = lstsq_gram((A.mT @ A).to(device), (A.mT @ B).to(device), backend=backend)
     assert float((Xg.cpu() - lstsq_gram_reference(A.mT @ A, A.mT @ B)).norm() / Xg.norm()) < 1e-6
 
 
+@pytest.mark.parametrize("backend", LSTSQ_BACKENDS)
 @pytest.mark.parametrize("ridge", [1e-3, 0.5, 10.0])
-def test_lstsq_ridge_closed_form(ridge, device):
+def test_lstsq_ridge_closed_form(backend, ridge, device):
+    _skip(backend, device, "lstsq_gram")
     g = torch.Generator().manual_seed(12)
     A, B = torch.randn(4, 15, 9, generator=g, dtype=torch.float64), torch.randn(4, 15, 3, generator=g,
                                                                                  dtype=torch.float64)
     A[..., 2] = A[..., 1]
-    X = lstsq(A.to(device), B.to(device), ridge=ridge)
+    X = lstsq(A.to(device), B.to(device), ridge=ridge, backend=backend)
     ref = torch.linalg.solve(A.mT @ A + ridge * torch.eye(9, dtype=torch.float64), A.mT @ B)
     assert float((X.cpu() - ref).norm() / ref.norm()) < 1e-10
 
 
-def test_lstsq_gram_float32_and_singular_gram(device):
+@pytest.mark.parametrize("backend", LSTSQ_BACKENDS)
+def test_lstsq_gram_float32_and_singular_gram(backend, device):
+    _skip(backend, device, "lstsq_gram")
     G = torch.zeros(2, 4, 4)
     R = torch.ones(2, 4, 1)
-    X = lstsq_gram(G.to(device), R.to(device))  # zero matrix: minimum norm answer is 0
+    X = lstsq_gram(G.to(device), R.to(device), backend=backend)  # zero matrix: minimum norm answer is 0
     assert torch.isfinite(X).all() and float(X.abs().max()) == 0.0
     g = torch.Generator().manual_seed(13)
     A = torch.rand(3, 50, 8, generator=g)
     Y = torch.randn(3, 50, 5, generator=g)
-    X = lstsq_gram((A.mT @ A).to(device), (A.mT @ Y).to(device), ridge=1e-4)
+    X = lstsq_gram((A.mT @ A).to(device), (A.mT @ Y).to(device), ridge=1e-4, backend=backend)
     ref = lstsq_gram_reference(A.mT.double() @ A.double(), A.mT.double() @ Y.double(), ridge=1e-4)
     assert X.dtype == torch.float32 and float((X.cpu().double() - ref).norm() / ref.norm()) < 1e-4
+
+
+# ------------------------------------------------------------------- GPU: backends side by side
+
+def _poison_allocator(nbytes=64 << 20):
+    """Fill a block of the caching allocator with NaN and free it, so that buffers a kernel
+    allocates with torch.empty start as NaN and unwritten elements show."""
+    torch.empty(nbytes // 4, device="cuda").fill_(float("nan"))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("t", [96, 150])
+def test_nnls_gpu_large_t_default_path_matches_torch_and_scipy(backend, t, device):
+    """The default ADMM warm start (t >= 96) with each GPU kernel, against the torch backend
+    and scipy, on exp-kernel (Attention Matching) and random problems."""
+    if device != "cuda":
+        pytest.skip("needs a CUDA device (the ADMM kernels run on the GPU)")
+    _skip(backend, device)
+    A1, b1 = _exp_kernel(2, 3 * t, t, 16, seed=t)
+    A2, b2 = _random((2,), 2 * t, t, seed=t + 1)
+    A, b = torch.cat([A1, A2]), torch.cat([b1, b2])
+    G, h = _gram(A, b)
+    _poison_allocator()
+    res = nnls_gram(G.cuda(), h.cuda(), backend=backend)
+    ref = nnls_gram(G.cuda(), h.cuda(), backend="torch")
+    assert torch.isfinite(res.x).all() and res.converged.all(), res.kkt_residual
+    assert float(res.kkt_residual.max()) <= 1e-7
+    _assert_matches_scipy(A, b, res.x)
+    for p in range(A.shape[0]):  # same optimum as the torch backend (x itself may be ill-conditioned)
+        f, fr = _objective(A[p], b[p], res.x[p]), _objective(A[p], b[p], ref.x[p])
+        assert f - fr <= 1e-9 * fr + 1e-12 * float(b[p].pow(2).sum()), (p, f, fr)
+
+
+@pytest.mark.parametrize("t,d", [(1, 1), (17, 3), (64, 130), (65, 2), (100, 5)], ids=str)
+def test_lstsq_gpu_cuda_matches_torch_around_the_kernel_limit(t, d, device):
+    """t <= 64 runs the shared-memory Cholesky kernel (d > 128 loops over columns); t > 64 and
+    singular problems take the torch path. A batch mixing both kinds of problems."""
+    if device != "cuda":
+        pytest.skip("needs a CUDA device")
+    _skip("cuda", device, "lstsq_gram")
+    g = torch.Generator().manual_seed(t * 1000 + d)
+    A = torch.randn(4, 2 * t + 3, t, generator=g, dtype=torch.float64)
+    B = torch.randn(4, 2 * t + 3, d, generator=g, dtype=torch.float64)
+    if t > 2:
+        A[1, :, 2] = A[1, :, 1]  # singular Gram: the pseudo-inverse fallback
+    G, R = A.mT @ A, A.mT @ B
+    _poison_allocator()
+    X = lstsq_gram(G.cuda(), R.cuda(), backend="cuda")
+    ref = lstsq_gram(G.cuda(), R.cuda(), backend="torch")
+    assert X.shape == (4, t, d) and torch.isfinite(X).all()
+    assert float((X - ref).norm() / ref.norm()) < 1e-9
+    Xr = lstsq_gram(G.cuda(), R.cuda(), ridge=0.3, backend="cuda")
+    ref = torch.linalg.solve(G + 0.3 * torch.eye(t, dtype=torch.float64), R)
+    assert float((Xr.cpu() - ref).norm() / ref.norm()) < 1e-10
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -272,6 +335,8 @@ def test_solver_validation():
         (lambda: lstsq_gram(G, h[:, :3]), ValueError, r"R must have shape"),
         (lambda: lstsq_gram(G, h.int()), TypeError, "R must have dtype"),
         (lambda: lstsq_gram(G, h, backend="triton"), ValueError, "lstsq_gram: backend 'triton' cannot run"),
+        (lambda: lstsq_gram(G, h, backend="cuda"), ValueError, "lstsq_gram: backend 'cuda' cannot run"),
+        (lambda: nnls_gram(G, h, backend="cuda"), ValueError, "nnls_gram: backend 'cuda' cannot run"),
     ]
     for fn, exc, msg in cases:
         with pytest.raises(exc, match=msg):

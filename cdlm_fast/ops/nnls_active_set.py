@@ -90,7 +90,7 @@ def nnls_gram_active_set(
         x0: optional ``[N, t]`` warm start; its support ``x0 > 0`` is the initial passive set.
         max_iter: cap on passive-set solves per problem (default ``3 t + 20``).
         tol: KKT tolerance relative to ``max|h|``.
-        admm_step: the ADMM iteration (torch or a fused Triton kernel).
+        admm_step: the ADMM iteration (torch, or a fused Triton or CUDA kernel).
         admm_min_t, admm_iters: ADMM warm-start phase for ``t >= admm_min_t`` without ``x0``.
     Returns:
         ``(x [N, t] float64, iterations [N] int64, kkt_residual [N] float64, converged [N] bool)``.

@@ -11,12 +11,16 @@ What each backend runs:
   ``torch.linalg.cholesky_ex`` -- cuSOLVER on a GPU -- with an ADMM warm-start phase for
   large ``t``). Backend ``"torch"`` runs the ADMM iterations with torch ops, ``"triton"`` with
   one fused Triton kernel per iteration (:mod:`cdlm_fast.kernels.nnls`: mat-vec, projection
-  and dual update in one pass). ``nnls`` forms ``G = A^T A`` and ``h = A^T b`` in float64 and
-  calls ``nnls_gram``.
-* ``lstsq_gram`` / ``lstsq``: backend ``"torch"`` only -- batched Cholesky of ``G + ridge I``
+  and dual update in one pass), ``"cuda"`` with the same fused iteration as a CUDA kernel of
+  the extension (``torch.ops.cdlm_fast.nnls_admm_step``, CUDA tensors only). ``nnls`` forms
+  ``G = A^T A`` and ``h = A^T b`` in float64 and calls ``nnls_gram``.
+* ``lstsq_gram`` / ``lstsq``: backend ``"torch"`` -- batched Cholesky of ``G + ridge I``
   in float64 (``cholesky_ex`` + ``cholesky_solve``, no host sync per problem), with an
   eigendecomposition pseudo-inverse fallback for the problems whose factorisation fails or
-  is numerically singular (one host sync per call to find them). ``lstsq`` forms the normal
+  is numerically singular (one host sync per call to find them). Backend ``"cuda"``: for
+  ``t <= 64`` one CUDA thread block per problem factors ``G + ridge I`` in shared memory
+  (float64) and solves all right-hand sides; the problems it flags as singular, and every
+  problem with ``t > 64``, take the torch path above. ``lstsq`` forms the normal
   equations in float64 (the intended use has ``n >> t``).
 """
 from __future__ import annotations
@@ -121,7 +125,7 @@ def _nnls_torch(G, h, x0, max_iter, tol, **kwargs):
 
 
 _NNLS.register("torch", _nnls_torch)
-_NNLS.lazy("cdlm_fast.kernels.nnls")
+_NNLS.lazy("cdlm_fast.kernels.nnls", "cdlm_fast._cuda_ops")
 
 
 def nnls_gram(G: torch.Tensor, h: torch.Tensor, *, x0: Optional[torch.Tensor] = None,
@@ -140,7 +144,7 @@ def nnls_gram(G: torch.Tensor, h: torch.Tensor, *, x0: Optional[torch.Tensor] = 
             ``x0 > 0`` is the initial passive set, negative entries are treated as zero.
         max_iter: cap on passive-set solves per problem (default ``3 t + 20``).
         tol: KKT tolerance relative to ``max|h|`` (default ``1e-7``).
-        backend: ``"auto"``, ``"triton"`` or ``"torch"`` (see the module docstring).
+        backend: ``"auto"``, ``"cuda"``, ``"triton"`` or ``"torch"`` (see the module docstring).
 
     Returns:
         :class:`NNLSResult` ``(x [..., t], iterations [...], kkt_residual [...], converged [...])``.
@@ -234,6 +238,7 @@ def _lstsq_gram_torch(G: torch.Tensor, R: torch.Tensor, ridge: float) -> torch.T
 
 
 _LSTSQ.register("torch", _lstsq_gram_torch)
+_LSTSQ.lazy("cdlm_fast._cuda_ops")
 
 
 def lstsq_gram(G: torch.Tensor, R: torch.Tensor, *, ridge: float = 0.0, backend: str = "auto") -> torch.Tensor:
@@ -251,7 +256,8 @@ def lstsq_gram(G: torch.Tensor, R: torch.Tensor, *, ridge: float = 0.0, backend:
         G: ``[..., t, t]`` symmetric PSD float (solved in float64).
         R: ``[..., t, d]`` or ``[..., t]``.
         ridge: float ``>= 0``.
-        backend: ``"auto"`` or ``"torch"`` (cuSOLVER batched Cholesky on a GPU).
+        backend: ``"auto"``, ``"cuda"`` (CUDA tensors; see the module docstring) or ``"torch"``
+            (cuSOLVER batched Cholesky on a GPU).
 
     Returns:
         ``X`` ``[..., t, d]`` (or ``[..., t]``), float64 if an input is float64 else float32.
