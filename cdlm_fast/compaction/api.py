@@ -1,0 +1,167 @@
+"""One-call compaction of a transformers model's KV cache: :func:`compact_model_cache`."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+from .core import METHODS, compact_layer
+from .hf_cache import CompactedCacheLayer, CompactedDynamicCache
+from .queries import (QUERY_MODES, capture_layer_queries, instruction_ids, prefill_with_queries, subsample)
+from .quality import attention_match_metrics
+from .types import CompactedCache, CompactedLayer
+
+__all__ = ["CompactionReport", "compact_model_cache", "compact_kv"]
+
+
+@dataclass
+class CompactionReport:
+    """What :func:`compact_model_cache` did.
+
+    Attributes:
+        times: stage -> seconds (``"prefill"``, ``"queries"``, ``"compaction"``, ``"evaluation"``).
+        layers: per layer ``{"layer", "t", "rel_error", "cosine", "mass_error"}`` on held-out
+            queries (attention-output relative L2 error, mean cosine similarity, mean
+            ``|exp(lse_compacted - lse) - 1|``).
+        logical_length: ``T``. compacted_length: largest ``t`` over layers.
+        method, queries: the settings used.
+        stage_times: seconds inside the compaction per stage (``"reference"`` attention,
+            ``"select"``, ``"beta"``, ``"values"``), summed over layers.
+    """
+
+    times: Dict[str, float] = field(default_factory=dict)
+    layers: List[Dict[str, float]] = field(default_factory=list)
+    logical_length: int = 0
+    compacted_length: int = 0
+    method: str = ""
+    queries: str = ""
+    stage_times: Dict[str, float] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One-paragraph text summary."""
+        def mean(key):
+            vals = [d[key] for d in self.layers if key in d]
+            return sum(vals) / len(vals) if vals else float("nan")
+        times = ", ".join(f"{k} {v:.2f}s" for k, v in self.times.items())
+        return (f"{self.method}/{self.queries}: T={self.logical_length} -> t={self.compacted_length} "
+                f"({self.logical_length / max(1, self.compacted_length):.1f}x); held-out attention rel. error "
+                f"{mean('rel_error'):.4f}, cosine {mean('cosine'):.4f}, mass error {mean('mass_error'):.4f}; {times}")
+
+
+def _tqdm(iterable, enabled: bool, total: int, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, total=total, desc=desc, leave=False)
+
+
+def compact_kv(kv, queries: Dict[int, torch.Tensor], budget, method: str = "highest_attention", *,
+               scale: Optional[float] = None, ridge: float = 1e-4, progress: bool = False,
+               **kwargs) -> CompactedCache:
+    """Compact precomputed per-layer ``(keys, values)`` with fixed reference queries.
+
+    Args:
+        kv: list over layers of ``(keys [B, Hkv, T, D], values [B, Hkv, T, Dv])``.
+        queries: layer -> ``[B, Hq, n, D]`` reference queries.
+        budget, method, ridge, kwargs: as :func:`cdlm_fast.compaction.compact_layer`.
+    """
+    T = kv[0][0].shape[2]
+    layers = [compact_layer(k, v, queries[i], budget, method, scale=scale, ridge=ridge, logical_length=T, **kwargs)
+              for i, (k, v) in _tqdm(enumerate(kv), progress, len(kv), "compacting layers")]
+    return CompactedCache(layers, T)
+
+
+def _scale(model) -> Optional[float]:
+    for m in model.modules():
+        if hasattr(m, "scaling") and hasattr(m, "layer_idx"):
+            return float(m.scaling)
+    return None
+
+
+@torch.no_grad()
+def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: float = 10.0, method: str = "highest_attention",
+                        queries: str = "repeat", max_queries: Optional[int] = 4096, holdout: int = 256,
+                        tokenizer=None, instruction: Optional[str] = None, ridge: float = 1e-4,
+                        seed: int = 0, progress: bool = True, return_compacted: bool = False, **kwargs):
+    """Prefill ``input_ids``, compact every layer's KV cache by Attention Matching, report quality.
+
+    Args:
+        model: transformers causal LM with full-attention layers (Llama, Qwen2, Qwen3, ...).
+        input_ids: ``[B, T]`` context ids (no padding).
+        ratio: compression ratio ``T / t`` (``>= 1``; 10.0 keeps 10% of the keys per head).
+        method: ``"highest_attention"``, ``"omp"`` or ``"omp_fast"``.
+        queries: ``"repeat"`` (repeat-prefill), ``"on_policy"`` or ``"context"``.
+        max_queries: cap on reference queries per layer (random subsample) before GQA stacking.
+        holdout: queries per layer kept out of the fit for the report's metrics.
+        tokenizer: used to tokenize the repeat instruction (without it the context is simply
+            repeated). instruction: override the instruction text.
+        ridge: relative ridge of the value fit. seed: RNG seed of the subsampling.
+        progress: show a tqdm bar over layers.
+        return_compacted: also return the :class:`CompactedCache`.
+        kwargs: passed to :func:`cdlm_fast.compaction.compact_layer`.
+
+    Returns:
+        ``(cache, report)``: a :class:`CompactedDynamicCache` ready for
+        ``model.generate(..., past_key_values=cache)`` with ``"cdlm_fast"`` attention, and a
+        :class:`CompactionReport` (plus the :class:`CompactedCache` with ``return_compacted``).
+    """
+    if queries not in QUERY_MODES:
+        raise ValueError(f"queries must be one of {QUERY_MODES}, got {queries!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1:
+        raise ValueError(f"ratio must be a number >= 1 (T / t), got {ratio!r}")
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError("input_ids must be an integer tensor of shape [B, T]")
+    input_ids = input_ids.to(model.device)
+    report = CompactionReport(method=method, queries=queries, logical_length=input_ids.shape[1])
+    gen = torch.Generator().manual_seed(seed)
+    scale = _scale(model)
+    budget = 1.0 / float(ratio)
+
+    t0 = time.perf_counter()
+    instr = None
+    if queries != "context":
+        instr = instruction_ids(tokenizer, **({"instruction": instruction} if instruction else {}),
+                                device=input_ids.device)
+    kv, qs, suffix = prefill_with_queries(model, input_ids, queries, instr)
+    report.times["prefill"] = time.perf_counter() - t0
+
+    T = input_ids.shape[1]
+    L = len(kv)
+    plain = [CompactedCacheLayer(k, v, None, T) for k, v in kv]
+    out_layers: List[CompactedLayer] = []
+    t_queries = t_compact = t_eval = 0.0
+    stages: Dict[str, float] = {}
+    for i in _tqdm(range(L), progress, L, f"compacting ({method}, {queries})"):
+        t1 = time.perf_counter()
+        if queries == "on_policy" and i > 0:
+            cache = CompactedDynamicCache.from_layers(
+                [CompactedCacheLayer.from_compacted(c, T) for c in out_layers] + plain[i:])
+            q_all = capture_layer_queries(model, cache, suffix, i)
+        else:
+            q_all = qs[i]
+        q_fit, q_held = subsample(q_all, max_queries, gen, holdout)
+        t2 = time.perf_counter()
+        k, v = kv[i]
+        layer = compact_layer(k, v, q_fit, budget, method, scale=scale, ridge=ridge, logical_length=T,
+                              timings=stages, **kwargs)
+        t3 = time.perf_counter()
+        if q_held is not None:
+            m = attention_match_metrics(k, v, layer, q_held, scale=scale)
+            report.layers.append({"layer": i, "t": layer.compacted_length, **m})
+        t4 = time.perf_counter()
+        out_layers.append(layer)
+        t_queries += t2 - t1
+        t_compact += t3 - t2
+        t_eval += t4 - t3
+    report.times["queries"] = t_queries
+    report.times["compaction"] = t_compact
+    report.times["evaluation"] = t_eval
+    report.stage_times = stages
+    compacted = CompactedCache(out_layers, T)
+    report.compacted_length = max(layer.compacted_length for layer in out_layers)
+    cache = CompactedDynamicCache.from_compacted(compacted, config=model.config)
+    return (cache, report, compacted) if return_compacted else (cache, report)

@@ -1,0 +1,221 @@
+"""Attention Matching compaction of one attention layer's KV cache.
+
+``compact_layer`` replaces the ``T`` keys/values of every KV head by ``t`` selected keys
+``C_k``, a per-key log-weight ``beta`` and refitted values ``C_v`` such that, for the
+reference queries, the attention output and the attention mass of the compacted cache
+match those of the original (Zweiger et al., "Attention Matching", arXiv 2602.16284).
+
+Pipeline (every KV head of the layer is one problem of a batch, ``P = B * Hkv``):
+
+1. original outputs ``Y`` and log-masses ``lse`` of the reference queries:
+   :func:`cdlm_fast.attention` with ``return_lse=True``;
+2. key selection: ``"highest_attention"`` (RMS over queries of the softmax weights, top-t),
+   ``"omp"`` (greedy on the mass residual, one key and one NNLS refit per iteration) or
+   ``"omp_fast"`` (four keys per iteration, refit every second one);
+3. ``beta = log w`` by NNLS on the mass-matching Gram system (``w = 0`` gives ``-inf``);
+4. ``C_v`` by (ridge) least squares on ``X = softmax(q C_k^T * scale + beta)``.
+
+Everything is computed in float32 and cast to the cache dtype at the end (``bias`` stays
+float32). With GQA the ``G`` query heads sharing a KV head all contribute their reference
+queries to that head's problem.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .. import _validate as V
+from ..ops.attention import attention
+from .fit import fit_beta, fit_values
+from .select import highest_attention_scores, omp_select, top_keys, _gather_keys
+from .types import CompactedLayer
+
+__all__ = ["METHODS", "resolve_counts", "compact_layer", "reference_outputs"]
+
+METHODS = ("highest_attention", "omp", "omp_fast")
+Budget = Union[int, float, Sequence[int], torch.Tensor]
+
+
+def resolve_counts(budget: Budget, B: int, Hkv: int, T: int, device) -> torch.Tensor:
+    """Turn a budget into ``[B, Hkv]`` int64 per-head key counts in ``[1, T]``.
+
+    ``budget``: an int (keys per head), a float in ``(0, 1]`` (fraction of ``T`` kept, rounded
+    up), or per-head counts (a sequence / tensor of shape ``[Hkv]`` or ``[B, Hkv]``).
+    """
+    if isinstance(budget, bool):
+        raise TypeError("budget must be an int, a float in (0, 1] or per-head counts, got bool")
+    if isinstance(budget, int):
+        if budget < 1:
+            raise ValueError(f"budget must be >= 1 key per head, got {budget}")
+        counts = torch.full((B, Hkv), min(budget, T), dtype=torch.int64)
+    elif isinstance(budget, float):
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"a float budget is the fraction of keys kept and must be in (0, 1], got {budget}")
+        counts = torch.full((B, Hkv), max(1, min(T, math.ceil(budget * T))), dtype=torch.int64)
+    else:
+        counts = torch.as_tensor(budget)
+        if counts.dtype.is_floating_point or counts.dtype == torch.bool:
+            raise TypeError(f"per-head budget counts must be integers, got dtype {counts.dtype}")
+        counts = counts.to(torch.int64).cpu()
+        if counts.dim() == 1 and counts.shape[0] == Hkv:
+            counts = counts[None].expand(B, Hkv)
+        if tuple(counts.shape) != (B, Hkv):
+            raise ValueError(f"per-head budget counts must have shape [Hkv={Hkv}] or [B={B}, Hkv={Hkv}], "
+                             f"got {tuple(counts.shape)}")
+        if int(counts.min()) < 1:
+            raise ValueError("per-head budget counts must be >= 1")
+        counts = counts.clamp(max=T)
+    return counts.to(device)
+
+
+class _Clock:
+    """Adds the seconds since the previous call to ``timings[stage]`` (no-op without a dict)."""
+
+    def __init__(self, timings: Optional[dict], device):
+        self.timings, self.device = timings, torch.device(device)
+        self.last = time.perf_counter() if timings is not None else 0.0
+
+    def __call__(self, stage: str) -> None:
+        if self.timings is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self.last
+        self.last = now
+
+
+def _to_problems(x: torch.Tensor, Hkv: int) -> torch.Tensor:
+    """``[B, Hq, n, ...]`` -> ``[B * Hkv, G * n, ...]`` (query heads of a group stacked)."""
+    B, Hq, n = x.shape[:3]
+    G = Hq // Hkv
+    return x.reshape(B, Hkv, G * n, *x.shape[3:]).reshape(B * Hkv, G * n, *x.shape[3:])
+
+
+def reference_outputs(keys, values, queries, *, scale, key_bias=None, backend="auto"):
+    """Original attention of the reference queries: ``(Y [B,Hq,n,D] f32, lse [B,Hq,n] f32)``."""
+    y, lse = attention(queries.float(), keys.float(), values.float(), bias=key_bias, scale=scale,
+                       return_lse=True, backend=backend)
+    return y.float(), lse.float()
+
+
+def compact_layer(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    queries: torch.Tensor,
+    budget: Budget,
+    method: str = "highest_attention",
+    *,
+    scale: Optional[float] = None,
+    key_mask: Optional[torch.Tensor] = None,
+    query_mask: Optional[torch.Tensor] = None,
+    ridge: float = 1e-4,
+    logical_length: Optional[int] = None,
+    omp_keys_per_iter: Optional[int] = None,
+    omp_refit_every: Optional[int] = None,
+    backend: str = "auto",
+    timings: Optional[dict] = None,
+) -> CompactedLayer:
+    """Compact one layer's KV cache by Attention Matching.
+
+    Args:
+        keys: ``[B, Hkv, T, D]`` cached keys (post-RoPE), any float dtype.
+        values: ``[B, Hkv, T, Dv]`` cached values, same dtype.
+        queries: ``[B, Hq, n, D]`` reference queries (post-RoPE), ``Hq`` a multiple of ``Hkv``.
+        budget: keys kept per KV head: an int ``t``, a float fraction of ``T`` in ``(0, 1]``, or
+            per-head counts ``[Hkv]`` / ``[B, Hkv]``. Heads with fewer keys than the largest
+            count are padded to it with ``bias = -inf`` slots: those slots cost memory and
+            bandwidth but no accuracy (a varlen consumer may skip them via ``counts``).
+        method: ``"highest_attention"``, ``"omp"`` or ``"omp_fast"``.
+        scale: score scale, default ``D ** -0.5``.
+        key_mask: optional ``[B, T]`` bool, False for padding keys (never selected).
+        query_mask: optional ``[B, n]`` bool, False for padding queries (ignored by the fits).
+        ridge: relative ridge of the value fit (``lambda = ridge * mean diag(X^T X)``).
+        logical_length: ``T`` recorded in the result (default ``keys.shape[2]``).
+        omp_keys_per_iter, omp_refit_every: override the OMP schedule (default 1/1 for
+            ``"omp"``, 4/2 for ``"omp_fast"``).
+        backend: backend of the attention calls.
+        timings: optional dict; seconds per stage (``"reference"``, ``"select"``, ``"beta"``,
+            ``"values"``) are added to it (synchronising the device between stages).
+
+    Returns:
+        :class:`CompactedLayer` with ``keys``/``values`` ``[B, Hkv, t, D]`` in the cache dtype and
+        ``bias`` ``[B, Hkv, t]`` float32 (``t`` = the largest per-head count).
+    """
+    V.tensor("keys", keys, ndim=4, dtypes=V.FLOAT_DTYPES, shape_doc="[B, Hkv, T, D]")
+    V.tensor("values", values, ndim=4, dtypes=V.FLOAT_DTYPES, shape_doc="[B, Hkv, T, Dv]")
+    V.tensor("queries", queries, ndim=4, dtypes=V.FLOAT_DTYPES, shape_doc="[B, Hq, n, D]")
+    B, Hkv, T, D = keys.shape
+    if values.shape[:3] != keys.shape[:3]:
+        raise ValueError(f"values must have shape [B={B}, Hkv={Hkv}, T={T}, Dv], got {tuple(values.shape)}")
+    if queries.shape[0] != B or queries.shape[3] != D or queries.shape[1] % Hkv != 0:
+        raise ValueError(f"queries must have shape [B={B}, Hq (a multiple of Hkv={Hkv}), n, D={D}], "
+                         f"got {tuple(queries.shape)}")
+    if queries.shape[2] == 0 or T == 0:
+        raise ValueError("compact_layer needs at least one reference query and one key")
+    V.same_device([("keys", keys), ("values", values), ("queries", queries), ("key_mask", key_mask),
+                   ("query_mask", query_mask)])
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if key_mask is not None and (key_mask.dtype != torch.bool or tuple(key_mask.shape) != (B, T)):
+        raise ValueError(f"key_mask must be a bool tensor of shape [B={B}, T={T}], got "
+                         f"{key_mask.dtype} {tuple(key_mask.shape)}")
+    n = queries.shape[2]
+    if query_mask is not None and (query_mask.dtype != torch.bool or tuple(query_mask.shape) != (B, n)):
+        raise ValueError(f"query_mask must be a bool tensor of shape [B={B}, n={n}], got "
+                         f"{query_mask.dtype} {tuple(query_mask.shape)}")
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    scale = D ** -0.5 if scale is None else float(scale)
+    dev = keys.device
+    Hq = queries.shape[1]
+    G = Hq // Hkv
+
+    counts = resolve_counts(budget, B, Hkv, T, dev)
+    t = int(counts.max())
+    kb = None
+    if key_mask is not None:
+        kb = torch.zeros(B, Hkv, T, dtype=torch.float32, device=dev)
+        kb = kb.masked_fill(~key_mask[:, None, :], float("-inf"))
+        counts = torch.minimum(counts, key_mask.sum(1, keepdim=True).clamp(min=1))
+
+    clock = _Clock(timings, dev)
+    Y, lse = reference_outputs(keys, values, queries, scale=scale, key_bias=kb, backend=backend)
+    Qp = _to_problems(queries.float(), Hkv)
+    Yp = _to_problems(Y, Hkv)
+    lsep = _to_problems(lse, Hkv)
+    qw = torch.isfinite(lsep)
+    if query_mask is not None:
+        qw = qw & query_mask[:, None, None, :].expand(B, Hkv, G, n).reshape(B * Hkv, G * n)
+    qwf = qw.float()
+    lsep = torch.where(qw, lsep, torch.full_like(lsep, 1e30))
+    clock("reference")
+    Kp = keys.reshape(B * Hkv, T, D)
+    Vp = values.reshape(B * Hkv, T, values.shape[-1])
+    kbp = None if kb is None else kb.reshape(B * Hkv, T)
+    cp = counts.reshape(-1)
+
+    if method == "highest_attention":
+        scores = highest_attention_scores(Qp, Kp, lsep, scale, kbp, query_weight=qwf)
+        idx, valid = top_keys(scores, cp, t)
+    else:
+        kpi = omp_keys_per_iter or (1 if method == "omp" else 4)
+        rfe = omp_refit_every or (1 if method == "omp" else 2)
+        idx, valid = omp_select(Qp, Kp, lsep, scale, cp, t, kbp, keys_per_iter=kpi, refit_every=rfe,
+                                query_weight=qwf)
+    C = _gather_keys(Kp, idx)
+    clock("select")
+    beta, _ = fit_beta(Qp, C, lsep, scale, valid, query_weight=qwf)
+    clock("beta")
+    Cv = fit_values(Qp, C, beta, Yp, scale, ridge=ridge, query_weight=qwf, backend=backend)
+    clock("values")
+    return CompactedLayer(
+        keys=C.reshape(B, Hkv, t, D).to(keys.dtype),
+        values=Cv.reshape(B, Hkv, t, -1).to(values.dtype),
+        bias=beta.reshape(B, Hkv, t).float().contiguous(),
+        logical_length=T if logical_length is None else int(logical_length),
+        counts=valid.reshape(B, Hkv, t).sum(-1),
+    )

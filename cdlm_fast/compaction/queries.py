@@ -1,0 +1,122 @@
+"""Reference queries for Attention Matching, captured from a transformers model.
+
+* ``"context"``: the queries of the context's own prefill (positions ``0..T-1``).
+* ``"repeat"`` (repeat-prefill): the model reads ``context + instruction + context``, the
+  instruction asking it to repeat the context verbatim and the context prefilled as its
+  answer; the queries of the answer part are the ones a model produces when it has to
+  retrieve the whole context, at positions after ``T``.
+* ``"on_policy"``: like ``"repeat"``, but layer ``l``'s queries are captured with layers
+  ``0..l-1`` already compacted, so later layers are fitted to the queries they will actually
+  see (``L - 1`` extra partial forwards, each stopped right after the layer it needs).
+
+Queries are post-RoPE (as the attention function receives them), recorded by the
+``"cdlm_fast"`` attention function (:func:`cdlm_fast.compaction.hf_attention.capture_queries`).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .hf_attention import ATTN_NAME, QueryCapture, StopForward, capture_queries, register
+
+__all__ = ["QUERY_MODES", "DEFAULT_INSTRUCTION", "use_attention", "instruction_ids", "prefill_with_queries",
+           "capture_layer_queries", "subsample"]
+
+QUERY_MODES = ("repeat", "on_policy", "context")
+DEFAULT_INSTRUCTION = "\n\nRepeat the previous context verbatim.\n\n"
+
+
+@contextlib.contextmanager
+def use_attention(model, name: str = ATTN_NAME):
+    """Temporarily switch ``model`` to the attention implementation ``name``."""
+    register()
+    prev = getattr(model.config, "_attn_implementation", None)
+    if prev != name:
+        model.set_attn_implementation(name)
+    try:
+        yield model
+    finally:
+        if prev != name and prev is not None:
+            model.set_attn_implementation(prev)
+
+
+def instruction_ids(tokenizer=None, instruction: str = DEFAULT_INSTRUCTION, device=None) -> torch.Tensor:
+    """``[1, m]`` token ids of the repeat instruction (empty without a tokenizer)."""
+    if tokenizer is None:
+        return torch.zeros(1, 0, dtype=torch.long, device=device)
+    ids = tokenizer(instruction, add_special_tokens=False, return_tensors="pt").input_ids
+    return ids.to(device)
+
+
+def _layer_kv(cache, T: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys[:, :, :T].contiguous(), layer.values[:, :, :T].contiguous()) for layer in cache.layers]
+
+
+@torch.no_grad()
+def prefill_with_queries(model, input_ids: torch.Tensor, mode: str = "repeat",
+                         instr_ids: Optional[torch.Tensor] = None):
+    """Prefill the context and capture reference queries of every layer.
+
+    Args:
+        model: a transformers causal LM (full-attention layers).
+        input_ids: ``[B, T]`` context token ids (no padding).
+        mode: ``"repeat"``/``"on_policy"`` (queries of the repeated context) or ``"context"``.
+        instr_ids: ``[1, m]`` instruction ids for the repeat modes.
+
+    Returns:
+        ``(kv, queries, suffix)``: ``kv`` a list per layer of ``(keys, values)`` ``[B, Hkv, T, D]``
+        of the context, ``queries`` a dict layer -> ``[B, Hq, n, D]``, and ``suffix`` the ``[B, m+T]``
+        ids that follow the context in repeat modes (``None`` for ``"context"``).
+    """
+    from transformers import DynamicCache
+
+    B, T = input_ids.shape
+    if mode == "context":
+        seq, start, suffix = input_ids, 0, None
+    else:
+        instr = instr_ids if instr_ids is not None else instruction_ids(device=input_ids.device)
+        suffix = torch.cat([instr.to(input_ids.device).expand(B, -1), input_ids], 1)
+        seq, start = torch.cat([input_ids, suffix], 1), T + instr.shape[1]
+    cap = QueryCapture(start=start)
+    cache = DynamicCache()
+    with use_attention(model), capture_queries(cap):
+        model(input_ids=seq, past_key_values=cache, use_cache=True)
+    queries = {i: cap.get(i) for i in cap.queries}
+    return _layer_kv(cache, T), queries, suffix
+
+
+@torch.no_grad()
+def capture_layer_queries(model, cache, suffix: torch.Tensor, layer_idx: int) -> torch.Tensor:
+    """Queries ``[B, Hq, m+T, D]`` of layer ``layer_idx`` for ``suffix`` read after ``cache``.
+
+    ``cache`` (a :class:`~cdlm_fast.compaction.hf_cache.CompactedDynamicCache`) may hold
+    compacted layers below ``layer_idx``; it is not modified (the appended tokens are cropped).
+    The forward stops right after ``layer_idx``'s attention.
+    """
+    cap = QueryCapture(layers=[layer_idx], stop_after=layer_idx)
+    before = [layer.keys.shape[-2] for layer in cache.layers]
+    with use_attention(model), capture_queries(cap):
+        try:
+            model(input_ids=suffix, past_key_values=cache, use_cache=True)
+        except StopForward:
+            pass
+    for layer, n in zip(cache.layers, before):
+        extra = layer.keys.shape[-2] - n
+        if extra:
+            layer.crop(-extra)
+    return cap.get(layer_idx)
+
+
+def subsample(queries: torch.Tensor, max_queries: Optional[int], generator: Optional[torch.Generator] = None,
+              holdout: int = 0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Random split of ``[B, Hq, n, D]`` queries into ``(fit [<= max_queries], held-out [holdout])``."""
+    n = queries.shape[2]
+    perm = torch.randperm(n, generator=generator).to(queries.device)
+    hold = min(holdout, n // 4)
+    held = queries[:, :, perm[:hold]] if hold else None
+    rest = perm[hold:]
+    if max_queries is not None and rest.numel() > max_queries:
+        rest = rest[:max_queries]
+    return queries[:, :, rest.sort().values], held

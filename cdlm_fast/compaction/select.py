@@ -1,0 +1,177 @@
+"""Key selection for Attention Matching: highest attention and OMP on the mass residual.
+
+All functions work on a batch of ``P`` independent problems (``P = B * Hkv``: one per KV
+head), each with ``N`` reference queries (the queries of all ``G`` query heads of a GQA group
+stacked) and ``T`` keys:
+
+* ``Q`` ``[P, N, D]`` float32 reference queries (post-RoPE);
+* ``K`` ``[P, T, D]`` keys;
+* ``lse`` ``[P, N]`` float32, log of each query's attention mass over the original keys
+  (``A[p, i, j] = exp(scale * Q_i . K_j + key_bias_j - lse_i)`` is then the softmax weight
+  of key ``j`` for query ``i``, and ``sum_j A[p, i, j] = 1``);
+* ``key_bias`` optional ``[P, T]`` float32, ``-inf`` for keys that must never be chosen
+  (padding).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ..ops.gram import exp_gram
+from ..ops.solvers import nnls_gram
+
+__all__ = ["softmax_weight_chunks", "highest_attention_scores", "top_keys", "omp_select"]
+
+
+def _chunk_size(P: int, N: int, budget_elems: int) -> int:
+    return max(1, budget_elems // max(1, P * N))
+
+
+def softmax_weight_chunks(Q, K, lse, scale, key_bias=None, *, budget_elems: int = 1 << 26):
+    """Yield ``(start, A_chunk)`` with ``A_chunk`` ``[P, N, c]`` = softmax weights of a chunk of keys."""
+    P, N, _ = Q.shape
+    T = K.shape[1]
+    step = _chunk_size(P, N, budget_elems)
+    for s in range(0, T, step):
+        logits = scale * torch.bmm(Q, K[:, s:s + step].float().transpose(1, 2)) - lse[:, :, None]
+        if key_bias is not None:
+            logits = logits + key_bias[:, None, s:s + step]
+        yield s, torch.exp(logits)
+
+
+def highest_attention_scores(Q, K, lse, scale, key_bias=None, *, reduce: str = "rms",
+                             query_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-key importance ``[P, T]``: softmax weights aggregated over queries.
+
+    ``reduce`` is ``"rms"`` (root mean square over queries, the published default), ``"mean"``
+    or ``"max"``. ``query_weight`` ``[P, N]`` (0/1) excludes padded queries.
+    """
+    if reduce not in ("rms", "mean", "max"):
+        raise ValueError(f"reduce must be 'rms', 'mean' or 'max', got {reduce!r}")
+    P, N, _ = Q.shape
+    out = torch.empty(P, K.shape[1], dtype=torch.float32, device=Q.device)
+    denom = (query_weight.sum(1, keepdim=True).clamp(min=1) if query_weight is not None
+             else torch.full((P, 1), float(N), device=Q.device))
+    for s, A in softmax_weight_chunks(Q, K, lse, scale, key_bias):
+        if query_weight is not None:
+            A = A * query_weight[:, :, None]
+        if reduce == "rms":
+            out[:, s:s + A.shape[-1]] = torch.sqrt((A * A).sum(1) / denom)
+        elif reduce == "mean":
+            out[:, s:s + A.shape[-1]] = A.sum(1) / denom
+        else:
+            out[:, s:s + A.shape[-1]] = A.amax(1)
+    if key_bias is not None:
+        out = out.masked_fill(torch.isneginf(key_bias), -1.0)
+    return out
+
+
+def top_keys(scores: torch.Tensor, counts: torch.Tensor, t: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the ``counts[p]`` best keys per problem, padded to ``t``.
+
+    Returns ``idx`` ``[P, t]`` int64 (sorted by key position; padding slots repeat index 0)
+    and ``valid`` ``[P, t]`` bool.
+    """
+    P, T = scores.shape
+    k = min(t, T)
+    top = scores.topk(k, dim=1).indices
+    rank = torch.arange(k, device=scores.device)[None, :]
+    valid = rank < counts[:, None]
+    return _sort_and_pad(top, valid, t)
+
+
+def _sort_and_pad(idx, valid, t):
+    P, k = idx.shape
+    big = torch.iinfo(torch.int64).max
+    key = torch.where(valid, idx, torch.full_like(idx, big))
+    order = key.argsort(dim=1)
+    idx = idx.gather(1, order)
+    valid = valid.gather(1, order)
+    idx = torch.where(valid, idx, torch.zeros_like(idx))
+    if k < t:
+        idx = torch.cat([idx, idx.new_zeros(P, t - k)], 1)
+        valid = torch.cat([valid, valid.new_zeros(P, t - k)], 1)
+    return idx, valid
+
+
+def _gather_keys(K, idx):
+    return K.gather(1, idx[:, :, None].expand(-1, -1, K.shape[-1]))
+
+
+def omp_select(Q, K, lse, scale, counts: torch.Tensor, t: int, key_bias=None, *, keys_per_iter: int = 1,
+               refit_every: int = 1, query_weight: Optional[torch.Tensor] = None,
+               max_materialize: int = 1 << 28) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Greedy key selection on the attention-mass residual (orthogonal matching pursuit).
+
+    With ``A`` the softmax-weight matrix (``[N, T]`` per problem) and the target mass 1 for
+    every query, each iteration adds the ``keys_per_iter`` unselected keys with the largest
+    correlation ``A^T r`` with the residual ``r = 1 - A_S w``; every ``refit_every``-th
+    iteration the weights ``w >= 0`` of the selected set are refitted by NNLS on the Gram
+    matrix (``exp_gram`` + ``nnls_gram``, warm-started). ``keys_per_iter=1, refit_every=1``
+    is AM-OMP; ``4, 2`` is AM-OMP-fast.
+
+    ``A`` is kept in memory when ``P * N * T <= max_materialize`` and recomputed in chunks
+    otherwise. Problems with ``counts[p] < t`` keep the first ``counts[p]`` keys they picked.
+
+    Returns ``idx`` ``[P, t]`` and ``valid`` ``[P, t]`` as :func:`top_keys`.
+    """
+    P, N, _ = Q.shape
+    T = K.shape[1]
+    dev = Q.device
+    qw = torch.ones(P, N, device=dev) if query_weight is None else query_weight.float()
+    A_full = None
+    if P * N * T <= max_materialize:
+        A_full = torch.cat([a for _, a in softmax_weight_chunks(Q, K, lse, scale, key_bias)], dim=2)
+
+    def correlate(r):
+        if A_full is not None:
+            return torch.bmm(r[:, None, :], A_full)[:, 0]
+        out = torch.empty(P, T, device=dev)
+        for s, a in softmax_weight_chunks(Q, K, lse, scale, key_bias):
+            out[:, s:s + a.shape[-1]] = torch.bmm(r[:, None, :], a)[:, 0]
+        return out
+
+    blocked = torch.zeros(P, T, dtype=torch.bool, device=dev)
+    if key_bias is not None:
+        blocked |= torch.isneginf(key_bias)
+    n_real = (~blocked).sum(1)
+    t_eff = min(t, T)
+    chosen = torch.zeros(P, 0, dtype=torch.int64, device=dev)
+    w = torch.zeros(P, 0, device=dev)
+    r = qw.clone()
+    it = 0
+    while chosen.shape[1] < t_eff:
+        corr = correlate(r).masked_fill(blocked, float("-inf"))
+        k = min(keys_per_iter, t_eff - chosen.shape[1])
+        new = corr.topk(k, dim=1).indices
+        blocked.scatter_(1, new, True)
+        chosen = torch.cat([chosen, new], 1)
+        w = torch.cat([w, torch.zeros(P, k, device=dev)], 1)
+        it += 1
+        if it % refit_every == 0 or chosen.shape[1] >= t_eff:
+            C = _gather_keys(K, chosen).float()
+            valid = torch.arange(chosen.shape[1], device=dev)[None, :] < n_real[:, None]
+            G, R = exp_gram(Q, C, None, _masked_shift(lse, qw), scale, None)
+            G, h = _mask_problem(G, R[..., 0], valid)
+            res = nnls_gram(G / N, h / N, x0=w)
+            w = res.x.float() * valid
+            fit = torch.exp(scale * torch.bmm(Q, C.transpose(1, 2)) - lse[:, :, None]) @ w[:, :, None]
+            r = (qw - fit[:, :, 0]) * qw
+    rank = torch.arange(chosen.shape[1], device=dev)[None, :]
+    valid = (rank < counts[:, None]) & (rank < n_real[:, None])
+    return _sort_and_pad(chosen, valid, t)
+
+
+def _masked_shift(lse, qw):
+    """Shift for ``exp_gram`` so that excluded queries (weight 0) contribute nothing."""
+    return torch.where(qw > 0, lse, torch.full_like(lse, 1e30))
+
+
+def _mask_problem(G, h, valid):
+    """Make padded slots decoupled unit rows (solution 0 there)."""
+    vf = valid.to(G.dtype)
+    G = G * vf[:, :, None] * vf[:, None, :]
+    G = G + torch.diag_embed(1.0 - vf)
+    h = h * vf
+    return G, h

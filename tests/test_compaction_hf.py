@@ -1,0 +1,232 @@
+"""transformers integration: "cdlm_fast" attention, compacted cache, generate, model-level compaction.
+
+Tiny random Llama / Qwen2 / Qwen3 models (transformers >= 5.0; tested with 5.23).
+"""
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache  # noqa: E402
+
+from cdlm_fast.compaction import (CompactedCache, CompactedDynamicCache, CompactedLayer,  # noqa: E402
+                                  compact_model_cache)
+from cdlm_fast.compaction.hf_cache import CompactedCacheLayer  # noqa: E402
+from cdlm_fast.compaction.queries import prefill_with_queries  # noqa: E402
+
+ARCHS = ["llama", "qwen2", "qwen3"]
+
+
+def tiny_model(arch, seed=0):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, head_dim=16)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(**common)
+        cls = transformers.LlamaForCausalLM
+    elif arch == "qwen2":
+        cfg = transformers.Qwen2Config(**common)
+        cls = transformers.Qwen2ForCausalLM
+    else:
+        cfg = transformers.Qwen3Config(**common)
+        cls = transformers.Qwen3ForCausalLM
+    return cls(cfg).eval()
+
+
+def _subset_cache(model, ctx, keep, seed=1):
+    """A hand-made 'compacted' cache: a subset of the real KV with a random bias (-inf included)."""
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        pk = model(ctx, use_cache=True).past_key_values
+    g = torch.Generator().manual_seed(seed)
+    B, T = ctx.shape
+    bias = torch.randn(B, 2, len(keep), generator=g)
+    bias[0, 1, 2] = float("-inf")
+    layers = [CompactedLayer(pk.layers[i].keys[:, :, keep].clone(), pk.layers[i].values[:, :, keep].clone(),
+                             bias.clone(), T) for i in range(len(pk.layers))]
+    return CompactedCache(layers, T)
+
+
+def _eager_reference(model, comp, new):
+    """Same computation with stock eager attention: physical cache + explicit 4-D float mask + positions."""
+    B, Lq = new.shape
+    t, T = comp.layers[0].keys.shape[2], comp.logical_length
+    dc = DynamicCache()
+    for i, layer in enumerate(comp.layers):
+        dc.update(layer.keys.clone(), layer.values.clone(), i)
+    Hq = model.config.num_attention_heads
+    mask = torch.zeros(B, Hq, Lq, t + Lq)
+    mask[:, :, :, :t] = comp.layers[0].bias.repeat_interleave(Hq // 2, 1)[:, :, None, :]
+    mask[:, :, :, t:] = torch.triu(torch.full((Lq, Lq), float("-inf")), 1)
+    pos = torch.arange(T, T + Lq)[None].expand(B, -1)
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        return model(new, past_key_values=dc, attention_mask=mask, position_ids=pos).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefill_matches_sdpa(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 101, (2, 37))
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        ref = model(ids).logits
+        model.set_attn_implementation("cdlm_fast")
+        out = model(ids).logits
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() < 1e-4
+
+
+def test_left_padding_matches_sdpa():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 101, (2, 20))
+    am = torch.ones(2, 20, dtype=torch.long)
+    am[1, :6] = 0
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        ref = model(ids, attention_mask=am).logits
+        model.set_attn_implementation("cdlm_fast")
+        out = model(ids, attention_mask=am).logits
+    assert (out[0] - ref[0]).abs().max() < 1e-4
+    assert (out[1, 6:] - ref[1, 6:]).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_compacted_cache_bias_and_logical_positions(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 101, (2, 33))
+    T = 26
+    keep = torch.tensor([0, 1, 4, 7, 9, 13, 17, 20, 24, 25])
+    comp = _subset_cache(model, ids[:, :T], keep)
+    for layer in comp.layers:  # same bias in every layer so one 4-D mask describes the reference
+        layer.bias = comp.layers[0].bias
+    cache = CompactedDynamicCache.from_compacted(comp, config=model.config)
+    assert cache.get_seq_length() == T
+    new = ids[:, T:]
+    model.set_attn_implementation("cdlm_fast")
+    with torch.no_grad():
+        out = model(new, past_key_values=cache, attention_mask=torch.ones(2, ids.shape[1], dtype=torch.long)).logits
+    assert cache.get_seq_length() == ids.shape[1]
+    assert cache.layers[0].keys.shape[2] == len(keep) + new.shape[1]
+    ref = _eager_reference(model, comp, new)
+    assert torch.isfinite(out).all()
+    assert (out - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_continues_from_logical_length(arch):
+    model = tiny_model(arch)
+    ids = torch.randint(0, 101, (1, 30))
+    T = 24
+    keep = torch.arange(0, T, 2)
+    comp = _subset_cache(model, ids[:, :T], keep)
+    cache = CompactedDynamicCache.from_compacted(comp, config=model.config)
+    model.set_attn_implementation("cdlm_fast")
+    with torch.no_grad():
+        gen = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, 34) and torch.equal(gen[:, :30], ids)
+    assert cache.get_seq_length() == 33  # T + 6 prompt tokens + 3 fed-back tokens
+    # step-by-step greedy decoding with the eager reference gives the same tokens
+    comp2 = _subset_cache(model, ids[:, :T], keep)
+    for layer in comp2.layers:
+        layer.bias = comp.layers[0].bias
+    cache2 = CompactedDynamicCache.from_compacted(comp2)
+    model.set_attn_implementation("cdlm_fast")
+    with torch.no_grad():
+        gen2 = model.generate(ids, past_key_values=cache2, max_new_tokens=3, do_sample=False)
+    ref_tokens = []
+    seq = ids[:, T:]
+    for _ in range(3):
+        logits = _eager_reference(model, comp2, seq)
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        ref_tokens.append(nxt)
+        seq = torch.cat([seq, nxt], 1)
+    assert torch.equal(gen2[:, 30:], torch.cat(ref_tokens, 1))
+
+
+def test_cache_layer_crop_and_batch_ops():
+    k = torch.randn(2, 2, 5, 8)
+    layer = CompactedCacheLayer(k, k.clone(), torch.zeros(2, 2, 5), logical_length=40)
+    assert layer.get_seq_length() == 40
+    keys, _ = layer.update(torch.randn(2, 2, 3, 8), torch.randn(2, 2, 3, 8))
+    assert keys.shape[2] == 8 and layer.bias.shape == (2, 2, 8) and layer.get_seq_length() == 43
+    assert getattr(keys, "cdlm_fast_slots") == (5, 40)
+    layer.crop(-2)
+    assert layer.get_seq_length() == 41 and layer.bias.shape[-1] == 6
+    with pytest.raises(ValueError, match="appended"):
+        layer.crop(-3)
+    layer.batch_select_indices(torch.tensor([1]))
+    assert layer.keys.shape[0] == 1 and layer.bias.shape[0] == 1
+    with pytest.raises(ValueError, match="logical_length"):
+        CompactedCacheLayer(k, k, None, logical_length=3)
+
+
+def test_attention_rejects_4d_mask_and_sliding_window():
+    from cdlm_fast.compaction.hf_attention import cdlm_fast_attention_forward
+
+    q = torch.randn(1, 4, 3, 16)
+    k = torch.randn(1, 2, 3, 16)
+    mod = torch.nn.Module()
+    with pytest.raises(ValueError, match="2-D"):
+        cdlm_fast_attention_forward(mod, q, k, k, torch.ones(1, 1, 3, 3, dtype=torch.bool))
+    mod.sliding_window = 4
+    with pytest.raises(NotImplementedError, match="sliding"):
+        cdlm_fast_attention_forward(mod, q, k, k, None)
+
+
+def test_repeat_queries_are_post_rope_and_positioned():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 101, (1, 12))
+    instr = torch.tensor([[5, 6, 7]])
+    kv, qs, suffix = prefill_with_queries(model, ids, "repeat", instr)
+    assert len(kv) == 2 and kv[0][0].shape == (1, 2, 12, 16)
+    assert qs[0].shape == (1, 4, 12, 16) and torch.equal(suffix, torch.cat([instr, ids], 1))
+    # keys of the context equal a plain prefill's keys
+    with torch.no_grad():
+        pk = model(ids, use_cache=True).past_key_values
+    assert torch.allclose(kv[1][0], pk.layers[1].keys, atol=1e-5)
+    # repeat queries differ from context queries (positions T+3.. vs 0..)
+    _, qc, _ = prefill_with_queries(model, ids, "context")
+    assert qc[0].shape == (1, 4, 12, 16) and not torch.allclose(qc[0], qs[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("queries", ["repeat", "on_policy", "context"])
+def test_compact_model_cache_end_to_end(queries):
+    model = tiny_model("qwen2")
+    ids = torch.randint(0, 101, (1, 60))
+    cache, report = compact_model_cache(model, ids, ratio=4, method="omp_fast", queries=queries, holdout=16,
+                                        progress=False)
+    assert isinstance(cache, CompactedDynamicCache) and cache.get_seq_length() == 60
+    assert cache.layers[0].keys.shape[2] == 15
+    assert set(report.times) == {"prefill", "queries", "compaction", "evaluation"}
+    assert set(report.stage_times) == {"reference", "select", "beta", "values"}
+    assert len(report.layers) == 2
+    for row in report.layers:
+        assert 0 <= row["rel_error"] < 1.0 and row["cosine"] > 0.5 and row["mass_error"] < 1.0
+    assert "T=60" in report.summary()
+    model.set_attn_implementation("cdlm_fast")
+    with torch.no_grad():
+        out = model.generate(torch.cat([ids, ids[:, :2]], 1), past_key_values=cache, max_new_tokens=3,
+                             do_sample=False)
+    assert out.shape == (1, 65)
+
+
+def test_compact_model_cache_bad_args():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 101, (1, 20))
+    with pytest.raises(ValueError, match="ratio"):
+        compact_model_cache(model, ids, ratio=0.5, progress=False)
+    with pytest.raises(ValueError, match="queries"):
+        compact_model_cache(model, ids, queries="self_study", progress=False)
+    with pytest.raises(TypeError, match="input_ids"):
+        compact_model_cache(model, ids.float(), progress=False)
+
+
+def test_sliding_window_models_are_rejected():
+    cfg = transformers.Qwen2Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                                   sliding_window=8, max_window_layers=0)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    with pytest.raises(NotImplementedError, match="sliding"):
+        compact_model_cache(model, torch.randint(0, 101, (1, 20)), ratio=2, progress=False)
+    with pytest.raises(NotImplementedError, match="full-attention"):
+        CompactedDynamicCache(None, config=cfg)
