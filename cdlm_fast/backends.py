@@ -32,7 +32,12 @@ _AUTO_ORDER = ("cuda", "triton", "torch")
 # Under ``torch.compile`` the lookups below (imports, cached probes) run once at trace time and
 # their results are constants of the graph, so that a function calling an op compiles with
 # ``fullgraph=True`` (dynamo does not trace ``importlib``, and ignores ``lru_cache`` wrappers).
-_trace_constant = torch.compiler.assume_constant_result
+def _trace_constant(fn):
+    """``torch.compiler.assume_constant_result`` without importing dynamo (and with it Triton)
+    when ``cdlm_fast`` is imported: Triton must not be imported before a program has had the
+    chance to set ``TRITON_INTERPRET``. This is exactly what that decorator does."""
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 @_trace_constant
