@@ -128,3 +128,25 @@ def test_compaction(benchmark, shape, impl):
         "heldout_mass_error": sum(e["mass_error"] for e in errs) / len(errs),
     })
     assert all(math.isfinite(e["rel_error"]) for e in errs)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("ratio", [5, 10, 20, 50])
+def test_compaction_quality_vs_ratio(benchmark, ratio, impl):
+    """Held-out attention error against the compression ratio (first shape, first layer)."""
+    name, _, hkv, hq, d, T, n = SHAPES[0]
+    (k, v, q, held), = make_inputs(1, hkv, hq, d, T, n)
+    t = max(1, math.ceil(T / ratio))
+    out = []
+
+    def once():
+        out.clear()
+        out.append(compact_layer(k, v, q, t, "highest_attention") if impl == "cdlm_fast"
+                   else torch_loop_compact(k, v, q, t, {}))
+
+    run(benchmark, once, op="compaction quality", case=f"quality-{name}-{ratio}x", impl=impl,
+        ours=impl == "cdlm_fast", x=ratio, x_name="ratio", rounds=1)
+    m = attention_match_metrics(k, v, out[0], held)
+    assert math.isfinite(m["rel_error"])
+    benchmark.extra_info.update({"ratio": ratio, "kept": t, "heldout_rel_error": m["rel_error"],
+                                 "heldout_mass_error": m["mass_error"]})

@@ -109,11 +109,40 @@ def format_table(rows: List[dict]) -> str:
     return "\n".join(lines)
 
 
+def plot_quality(rows: List[dict], png_path: pathlib.Path, title: str) -> Optional[pathlib.Path]:
+    """Compaction quality (held-out attention error) against the ratio, per implementation."""
+    series = defaultdict(list)
+    for r in rows:
+        if r.get("ratio") is not None and r.get("heldout_rel_error") is not None:
+            series[r["impl"]].append((r["ratio"], r["heldout_rel_error"]))
+    if not series:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for impl, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+    ax.set_xscale("log")
+    ax.set_xlabel("compression ratio T/t")
+    ax.set_ylabel("held-out attention output rel. error")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return png_path
+
+
 def plot(rows: List[dict], png_path: pathlib.Path, title: str) -> Optional[pathlib.Path]:
     """Latency against size (``x``) per implementation, one panel per op; ``None`` if nothing to plot."""
     series = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        if r.get("x") is not None:
+        if r.get("x") is not None and r.get("x_name") != "ratio":
             key = (r.get("op", "op"), r.get("x_name", "size"))
             series[key][r["impl"]].append((r["x"], r["median_ms"]))
     if not series:

@@ -181,9 +181,11 @@ def cmd_bench(args) -> int:
         path = br.run_suite(suite, quick=args.quick, out_dir=out_dir, quiet=args.quiet or args.json)
         loaded = br.load_rows(path)
         rows = br.summarise(loaded["rows"], loaded["meta"].get("peaks"))
-        png = br.plot(rows, path.with_suffix(".png"), f"{suite} on {loaded['meta'].get('device', '?')}")
+        device = loaded["meta"].get("device", "?")
+        png = br.plot(rows, path.with_suffix(".png"), f"{suite} on {device}")
+        qpng = br.plot_quality(rows, path.with_name(path.stem + "-quality.png"), f"compaction quality ({device})")
         report[suite] = {"json": str(path), "png": None if png is None else str(png), "meta": loaded["meta"],
-                         "rows": rows}
+                         "quality_png": None if qpng is None else str(qpng), "rows": rows}
         if not args.json and not args.quiet:
             meta = loaded["meta"]
             peaks = meta.get("peaks") or {}
@@ -193,7 +195,8 @@ def cmd_bench(args) -> int:
                 print(f"   measured peaks: copy {peaks['copy_gbps']:.0f} GB/s, bf16 matmul "
                       f"{peaks['bf16_matmul_tflops']:.0f} TFLOP/s")
             print(br.format_table(rows))
-            print(f"   results: {path}" + (f"\n   plot:    {png}" if png else ""))
+            print(f"   results: {path}" + (f"\n   plot:    {png}" if png else "")
+                  + (f"\n   quality: {qpng}" if qpng else ""))
     if args.json:
         print(json.dumps(report, indent=2, default=str))
     return EXIT_OK
