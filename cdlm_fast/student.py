@@ -240,6 +240,40 @@ class BlockCausalStudent:
         return attention(q, k, v, bias=bias, prefix_len=prefix_len_t, block_size=block_size or None,
                          q_offset=q_offset, scale=self.scale, backend=self.backend)
 
+    @torch.no_grad()
+    def prefill_with_queries(self, prompt_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                             *, block_size: int = 0):
+        """Prefill the prompt and capture every layer's post-RoPE queries.
+
+        These are the reference queries for compacting the student's own prompt cache with
+        :func:`cdlm_fast.compaction.compact_kv` (the student's prompt attends bidirectionally,
+        so its cache differs from an autoregressive prefill of the same tokens). With
+        ``block_size > 0`` the queries of a first block of ``[MASK]`` tokens (what the decoder
+        asks of the prompt cache at its first step) are appended after the prompt's own.
+
+        Returns:
+            ``(cache, queries)``: the :class:`BlockKVCache` of the prompt (``P`` committed slots)
+            and ``{layer: [B, Hq, P + block_size, D]}``.
+        """
+        captured = []
+
+        def capture(q, *args, **kwargs):
+            captured.append(q.detach().clone())
+            return type(self)._attention(self, q, *args, **kwargs)
+
+        self._attention = capture
+        try:
+            cache = self.prefill(prompt_ids, attention_mask, max_new_tokens=block_size, block_size=max(block_size, 1))
+            if block_size:
+                masks = torch.full((cache.keys.shape[1], block_size), self.mask_token_id, dtype=torch.long,
+                                   device=cache.keys.device)
+                self.block_forward(cache, masks, return_logits=False)
+        finally:
+            del self._attention
+        layers = self.num_layers
+        queries = {i: torch.cat(captured[i::layers], dim=2) for i in range(layers)}
+        return cache, queries
+
     def _sdpa_mask(self, bias, prefix_len_t, block_size, q_offset, lq, lk) -> Optional[torch.Tensor]:
         """Materialised additive mask ``[B, Hkv or 1 -> Hq, lq, lk]`` for the SDPA baseline."""
         if self.attn_impl != "sdpa":

@@ -55,3 +55,50 @@ def test_attention_matching_beats_baselines_on_smollm2(smollm2):
     err_am = [attention_match_metrics(k, v, am[i], split[i][1], scale=scale)["rel_error"] for i, (k, v) in enumerate(kv)]
     err_hk = [attention_match_metrics(k, v, hk[i], split[i][1], scale=scale)["rel_error"] for i, (k, v) in enumerate(kv)]
     assert sum(err_am) < 0.8 * sum(err_hk), (sum(err_am), sum(err_hk))
+
+
+def _first_step_logits(student, prompt_ids, prompt_cache, block_size=8):
+    from cdlm_fast.decode import generate
+
+    rec = {}
+
+    def hook(bi, step, x, logits):
+        if bi == 0 and step == 0:
+            rec["logits"] = logits.clone()
+
+    generate(student, prompt_ids, block_size, block_size=block_size, prompt_cache=prompt_cache, logits_hook=hook)
+    return rec["logits"].double()
+
+
+def test_cdlm_first_block_after_5x_compacted_prompt_on_smollm2(smollm2):
+    """CDLM decoding from a 5x Attention-Matching-compacted prompt: the first block's logits
+    move only slightly, much less than with the most recent keys on the same budget, and an
+    uncompacted prompt cache gives identical logits."""
+    from cdlm_fast.student import BlockCausalStudent
+
+    model, tok = smollm2
+    ids = tok(load_text(), return_tensors="pt").input_ids[:, :300]
+    T = ids.shape[1]
+    student = BlockCausalStudent(model, mask_token_id=len(tok) - 1, eos_token_id=tok.eos_token_id,
+                                 logits_alignment="unshifted")
+    # the student's prompt attends bidirectionally: compact its own prompt cache, with its own
+    # prompt queries and a first block's queries as the reference queries
+    cache, queries = student.prefill_with_queries(ids, block_size=8)
+    kv = [(cache.keys[i, :, :, :T], cache.values[i, :, :, :T]) for i in range(len(queries))]
+    scale = model.model.layers[0].self_attn.scaling
+    am = compact_kv(kv, queries, 0.2, "highest_attention", scale=scale)
+    recent = CompactedCache([keep_recent(k, v, 0.2) for k, v in kv], T)
+    full_cache = CompactedCache([keep_recent(k, v, 1.0) for k, v in kv], T)
+
+    full = _first_step_logits(student, ids, None)
+    uncompacted = _first_step_logits(student, None, full_cache)
+    torch.testing.assert_close(uncompacted, full, rtol=1e-4, atol=1e-4)
+
+    def drift(cache):
+        out = _first_step_logits(student, None, cache)
+        assert torch.isfinite(out).all()
+        return float(torch.linalg.vector_norm(out - full) / torch.linalg.vector_norm(full))
+
+    d_am, d_recent = drift(am), drift(recent)
+    assert d_am < 0.05, d_am  # measured: 0.030 (recent keys: 0.052)
+    assert d_am < 0.8 * d_recent, (d_am, d_recent)
