@@ -22,10 +22,10 @@ if ! python -c "import cutlass_library" 2>/dev/null && ls .whl/nvidia_cutlass-*.
   export CUTLASS_INCLUDE=$(echo /tmp/cdlm_site/cutlass_library/source/include)
 fi
 
-step "build (sm_${CDLM_FAST_CUDA_ARCHS:-80;90a})"
-( time CDLM_FAST_BUILD_CUDA=1 python setup.py build_ext --inplace ) > "$OUT_DIR/build.log" 2>&1 || { tail -50 "$OUT_DIR/build.log"; exit 1; }
+step "build and editable install, offline (sm_${CDLM_FAST_CUDA_ARCHS:-80;90a})"
+( time CDLM_FAST_BUILD_CUDA=1 python -m pip install --no-index --no-build-isolation --no-deps -e . ) \
+  > "$OUT_DIR/build.log" 2>&1 || { tail -50 "$OUT_DIR/build.log"; exit 1; }
 tail -3 "$OUT_DIR/build.log"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 step "environment"
 python -m cdlm_fast env | tee "$OUT_DIR/env.txt"
