@@ -12,32 +12,33 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-bench/results/gpu-$(date +%Y%m%d-%H%M%S)}}"
 mkdir -p "$OUT_DIR"
+PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1 MAX_JOBS="${MAX_JOBS:-16}"
 status=0
 step() { echo; echo "=== $*"; }
 
-if ! python -c "import cutlass_library" 2>/dev/null && ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1; then
+if ! "$PY" -c "import cutlass_library" 2>/dev/null && ls .whl/nvidia_cutlass-*.whl >/dev/null 2>&1; then
   step "installing CUTLASS headers from .whl/"
-  python -m pip install -q --no-index --no-deps --target /tmp/cdlm_site .whl/nvidia_cutlass-*.whl
+  "$PY" -m pip install -q --no-index --no-deps --target /tmp/cdlm_site .whl/nvidia_cutlass-*.whl
   export CUTLASS_INCLUDE=$(echo /tmp/cdlm_site/cutlass_library/source/include)
 fi
 
 step "build and editable install, offline (sm_${CDLM_FAST_CUDA_ARCHS:-80;90a})"
-( time CDLM_FAST_BUILD_CUDA=1 python -m pip install --no-index --no-build-isolation --no-deps -e . ) \
+( time CDLM_FAST_BUILD_CUDA=1 "$PY" -m pip install --no-index --no-build-isolation --no-deps -e . ) \
   > "$OUT_DIR/build.log" 2>&1 || { tail -50 "$OUT_DIR/build.log"; exit 1; }
 tail -3 "$OUT_DIR/build.log"
 
 step "environment"
-python -m cdlm_fast env | tee "$OUT_DIR/env.txt"
-python -m cdlm_fast env --json > "$OUT_DIR/env.json"
+"$PY" -m cdlm_fast env | tee "$OUT_DIR/env.txt"
+"$PY" -m cdlm_fast env --json > "$OUT_DIR/env.json"
 
 step "tests on the GPU"
-python -m pytest tests -q -x --junitxml="$OUT_DIR/tests.xml" 2>&1 | tee "$OUT_DIR/tests.log" | tail -30 || status=1
+"$PY" -m pytest tests -q --junitxml="$OUT_DIR/tests.xml" 2>&1 | tee "$OUT_DIR/tests.log" | tail -30 || status=1
 
 if command -v compute-sanitizer >/dev/null 2>&1; then
   for tool in memcheck racecheck; do
     step "compute-sanitizer --tool $tool"
-    compute-sanitizer --tool "$tool" --error-exitcode 9 python -m pytest tests -q -x -k "cuda" \
+    compute-sanitizer --tool "$tool" --error-exitcode 9 "$PY" -m pytest tests -q -x -k "cuda" \
       > "$OUT_DIR/sanitizer-$tool.log" 2>&1 || { status=1; tail -30 "$OUT_DIR/sanitizer-$tool.log"; }
     tail -3 "$OUT_DIR/sanitizer-$tool.log"
   done
@@ -46,5 +47,5 @@ else
 fi
 
 step "benchmarks"
-python -m cdlm_fast bench all --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench.txt" || status=1
+"$PY" -m cdlm_fast bench all --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/bench.txt" || status=1
 exit $status
