@@ -24,6 +24,7 @@ confidence is the sampled token's probability.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
@@ -122,7 +123,9 @@ def denoise_step(logits: torch.Tensor, block: torch.Tensor, *, mask_token_id: in
     lf = logits.to(confidence_dtype)
     if 0 <= mask_token_id < lf.shape[-1]:
         # the [MASK] token itself is never a prediction (it would leave the position undecided)
-        lf = lf.index_fill(-1, torch.tensor([mask_token_id], device=lf.device), float("-inf"))
+        # (index built on the device: torch.tensor([...], device=cuda) would be a blocking copy every step)
+        idx = torch.full((1,), mask_token_id, dtype=torch.int64, device=lf.device)
+        lf = lf.index_fill(-1, idx, float("-inf"))
     if temperature > 0:
         probs = torch.softmax(lf / temperature, dim=-1)
         b, n, v = probs.shape
@@ -151,8 +154,16 @@ def _check_common(max_new_tokens, block_size, threshold, temperature, allow_none
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= threshold <= 1.0):
         raise ValueError(f"threshold must be a float in [0, 1] (or None: one token per step), got {threshold!r}")
-    if not isinstance(temperature, (int, float)) or temperature < 0:
-        raise ValueError(f"temperature must be a float >= 0, got {temperature!r}")
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float))
+            or not (0 <= temperature < math.inf)):  # NaN would silently decode greedily, inf gives NaN probabilities
+        raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
+
+
+def _check_token_ids(mask_id: int, eos_id: int) -> None:
+    if mask_id == eos_id:
+        # EOS could then never be predicted (the [MASK] id is excluded) and an EOS fill would
+        # read as undecided positions: decoding would silently never stop
+        raise ValueError(f"mask_token_id and eos_token_id must differ, both are {mask_id}")
 
 
 def _run_blocks(student: BlockCausalStudent, out: GenerateOutput, x: torch.Tensor, block_size: int,
@@ -271,6 +282,7 @@ def generate(
                          logits_alignment=logits_alignment, backend=backend)
     mask_id = student.mask_token_id if mask_token_id is None else int(mask_token_id)
     eos_id = student.eos_token_id if eos_token_id is None else int(eos_token_id)
+    _check_token_ids(mask_id, eos_id)
     if logits_alignment is not None and logits_alignment != student.logits_alignment:
         raise ValueError(f"logits_alignment={logits_alignment!r} differs from the student's "
                          f"{student.logits_alignment!r}; set it on the student")
@@ -321,6 +333,7 @@ def _baseline_setup(model_or_student, prompt_ids, attention_mask, mask_token_id,
                                      backend=backend, attn_impl=attn_impl or student.attn_impl)
     mask_id = student.mask_token_id if mask_token_id is None else int(mask_token_id)
     eos_id = student.eos_token_id if eos_token_id is None else int(eos_token_id)
+    _check_token_ids(mask_id, eos_id)
     if prompt_ids is None:
         raise ValueError("prompt_ids must be a [B, P] int64 tensor")
     student._check_ids("prompt_ids", prompt_ids)
@@ -328,6 +341,29 @@ def _baseline_setup(model_or_student, prompt_ids, attention_mask, mask_token_id,
     if student.shifted and prompt_ids.shape[1] == 0:
         raise ValueError("prompt_ids must hold at least one token with the shifted alignment")
     return student, mask_id, eos_id, pmask
+
+
+def _recompute_decode(student, prompt_ids, pmask, max_new_tokens, decode_block, attn_block, mask_id, eos_id,
+                      **run_kw) -> GenerateOutput:
+    """The no-cache baselines: every step recomputes the sequence with :meth:`BlockCausalStudent.full_forward`.
+
+    ``decode_block``: length of the blocks decoded in turn. ``attn_block``: the attention's
+    ``block_size`` (block-causal; ``None``: full bidirectional attention over the prompt and all
+    ``max_new_tokens`` slots, as vanilla decoding does; else only the prompt and blocks so far).
+    """
+    b, p = prompt_ids.shape
+    x = torch.full((b, max_new_tokens), mask_id, dtype=torch.int64, device=student.device)
+    out = GenerateOutput(sequences=x, tokens=x)
+    shift = 1 if student.shifted else 0
+
+    def logits_fn(bi, s, e):
+        ids = torch.cat([prompt_ids, x if attn_block is None else x[:, :e]], dim=1)
+        return student.full_forward(ids, pmask, block_size=attn_block,
+                                    logits_positions=slice(p + s - shift, p + e - shift))
+
+    _run_blocks(student, out, x, decode_block, logits_fn, None, mask_token_id=mask_id, eos_token_id=eos_id, **run_kw)
+    out.sequences = torch.cat([prompt_ids, x], dim=1)
+    return out
 
 
 @torch.no_grad()
@@ -361,23 +397,10 @@ def generate_block_causal_nocache(
     _check_common(max_new_tokens, block_size, threshold, temperature)
     student, mask_id, eos_id, pmask = _baseline_setup(model_or_student, prompt_ids, attention_mask, mask_token_id,
                                                       eos_token_id, logits_alignment, backend, attn_impl)
-    b, p = prompt_ids.shape
-    dev = student.device
-    x = torch.full((b, max_new_tokens), mask_id, dtype=torch.int64, device=dev)
-    out = GenerateOutput(sequences=x, tokens=x)
-    shift = 1 if student.shifted else 0
-
-    def logits_fn(bi, s, e):
-        ids = torch.cat([prompt_ids, x[:, :e]], dim=1)
-        return student.full_forward(ids, pmask, block_size=block_size,
-                                    logits_positions=slice(p + s - shift, p + e - shift))
-
-    _run_blocks(student, out, x, block_size, logits_fn, None, mask_token_id=mask_id, eos_token_id=eos_id,
-                threshold=threshold, temperature=temperature, generator=generator,
-                confidence_dtype=confidence_dtype, stop_at_eos=stop_at_eos, logits_hook=logits_hook,
-                progress=progress)
-    out.sequences = torch.cat([prompt_ids, x], dim=1)
-    return out
+    return _recompute_decode(student, prompt_ids, pmask, max_new_tokens, block_size, block_size, mask_id, eos_id,
+                             threshold=threshold, temperature=temperature, generator=generator,
+                             confidence_dtype=confidence_dtype, stop_at_eos=stop_at_eos, logits_hook=logits_hook,
+                             progress=progress)
 
 
 @torch.no_grad()
@@ -414,20 +437,7 @@ def generate_vanilla(
     _check_common(max_new_tokens, block_size, threshold, temperature, allow_none_block=True)
     student, mask_id, eos_id, pmask = _baseline_setup(model_or_student, prompt_ids, attention_mask, mask_token_id,
                                                       eos_token_id, logits_alignment, backend, attn_impl)
-    b, p = prompt_ids.shape
-    dev = student.device
-    x = torch.full((b, max_new_tokens), mask_id, dtype=torch.int64, device=dev)
-    out = GenerateOutput(sequences=x, tokens=x)
-    shift = 1 if student.shifted else 0
-
-    def logits_fn(bi, s, e):
-        ids = torch.cat([prompt_ids, x], dim=1)
-        return student.full_forward(ids, pmask, block_size=None,
-                                    logits_positions=slice(p + s - shift, p + e - shift))
-
-    _run_blocks(student, out, x, block_size or max_new_tokens, logits_fn, None, mask_token_id=mask_id,
-                eos_token_id=eos_id, threshold=threshold, temperature=temperature, generator=generator,
-                confidence_dtype=confidence_dtype, stop_at_eos=stop_at_eos, logits_hook=logits_hook,
-                progress=progress)
-    out.sequences = torch.cat([prompt_ids, x], dim=1)
-    return out
+    return _recompute_decode(student, prompt_ids, pmask, max_new_tokens, block_size or max_new_tokens, None,
+                             mask_id, eos_id, threshold=threshold, temperature=temperature, generator=generator,
+                             confidence_dtype=confidence_dtype, stop_at_eos=stop_at_eos, logits_hook=logits_hook,
+                             progress=progress)

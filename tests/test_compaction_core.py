@@ -118,6 +118,22 @@ def test_key_mask_never_selects_padding():
     assert err < 1.0
 
 
+@pytest.mark.parametrize("method", ["highest_attention", "omp", "omp_fast"])
+def test_key_mask_padding_keys_with_huge_scores_do_not_poison_fits(method):
+    # sample 1 has fewer real keys than the budget, so some of its slots are padding; its
+    # padding keys score far above the real ones (exp overflows) and must not produce NaN/inf
+    k, v, q = _structured(B=2, Hkv=1, T=50, n=40, seed=9)
+    key_mask = torch.ones(2, 50, dtype=torch.bool)
+    key_mask[1, :45] = False
+    k[1, :, :45] = 200.0 * q[1].mean((0, 1))
+    layer = compact_layer(k, v, q, 10, method, key_mask=key_mask)
+    assert not torch.isnan(layer.bias).any() and torch.isfinite(layer.values).all()
+    assert torch.isfinite(layer.bias[1]).sum() <= 5
+    bias = torch.zeros(2, 1, 50).masked_fill(~key_mask[:, None], float("-inf"))
+    err, _ = _errors(k, v, layer, q, key_bias=bias)
+    assert err < 1.0
+
+
 def test_query_mask_ignores_padded_queries():
     k, v, q = _structured(B=1, Hkv=1, G=1, T=40, n=30, seed=8)
     qm = torch.ones(1, 30, dtype=torch.bool)

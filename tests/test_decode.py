@@ -81,6 +81,21 @@ def test_denoise_step_float64_confidence_and_sampling():
     assert torch.equal(s1, s2) and ((s1 != MASK_ID).sum(1) >= 1).all()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (host-sync check)")
+def test_denoise_step_has_no_host_sync_on_gpu():
+    # the one host sync of a decoding step is the "block done?" check in the decoder loop;
+    # the rule itself must stay on the device
+    logits = torch.randn(2, 8, VOCAB, device="cuda")
+    block = torch.full((2, 8), MASK_ID, device="cuda")
+    torch.cuda.synchronize()
+    prev = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        denoise_step(logits, block, mask_token_id=MASK_ID, threshold=0.9)
+    finally:
+        torch.cuda.set_sync_debug_mode(prev)
+
+
 # ---------------------------------------------------------------- cached == no-cache
 @pytest.mark.parametrize("kind", ["qwen2", "llama"])
 @pytest.mark.parametrize("threshold", [0.9, 0.3, 0.0, None])
@@ -230,8 +245,14 @@ def test_generate_bad_arguments():
         generate(student, ids, 4, threshold=1.5)
     with pytest.raises(ValueError, match="temperature"):
         generate(student, ids, 4, temperature=-1.0)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            generate(student, ids, 4, temperature=bad)
     with pytest.raises(ValueError, match="logits_alignment"):
         generate(student, ids, 4, logits_alignment="unshifted")
+    for fn in (generate, generate_block_causal_nocache, generate_vanilla):
+        with pytest.raises(ValueError, match="eos_token_id must differ"):
+            fn(student, ids, 4, eos_token_id=MASK_ID)
     with pytest.raises(ValueError, match="prompt_ids"):
         generate_block_causal_nocache(student, None, 4)
     with pytest.raises(TypeError, match="prompt_ids"):

@@ -156,7 +156,9 @@ def omp_select(Q, K, lse, scale, counts: torch.Tensor, t: int, key_bias=None, *,
             G, h = _mask_problem(G, R[..., 0], valid)
             res = nnls_gram(G / N, h / N, x0=w)
             w = res.x.float() * valid
-            fit = torch.exp(scale * torch.bmm(Q, C.transpose(1, 2)) - lse[:, :, None]) @ w[:, :, None]
+            # padding/blocked slots (w = 0) may overflow exp: select, never multiply by 0 (inf * 0 = NaN)
+            A_s = torch.exp(scale * torch.bmm(Q, C.transpose(1, 2)) - lse[:, :, None])
+            fit = torch.where(valid[:, None, :], A_s, torch.zeros_like(A_s)) @ w[:, :, None]
             r = (qw - fit[:, :, 0]) * qw
     rank = torch.arange(chosen.shape[1], device=dev)[None, :]
     valid = (rank < counts[:, None]) & (rank < n_real[:, None])
@@ -169,9 +171,13 @@ def _masked_shift(lse, qw):
 
 
 def _mask_problem(G, h, valid):
-    """Make padded slots decoupled unit rows (solution 0 there)."""
+    """Make padded slots decoupled unit rows (solution 0 there).
+
+    Padded slots may hold any key (e.g. a padding key whose entries overflowed to inf), so
+    their rows/columns are replaced, not multiplied by 0 (``inf * 0 = NaN``).
+    """
     vf = valid.to(G.dtype)
-    G = G * vf[:, :, None] * vf[:, None, :]
-    G = G + torch.diag_embed(1.0 - vf)
-    h = h * vf
+    both = valid[:, :, None] & valid[:, None, :]
+    G = torch.where(both, G, torch.zeros_like(G)) + torch.diag_embed(1.0 - vf)
+    h = torch.where(valid, h, torch.zeros_like(h))
     return G, h
