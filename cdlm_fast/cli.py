@@ -3,7 +3,7 @@
 Subcommands: ``env``, ``selfcheck``, ``bench``, ``compact``, ``generate``, ``demo`` and
 ``check`` (the default job: environment report, self-check of every backend, then the demo). Every subcommand takes ``--json`` (machine-readable output on stdout) and
 ``--quiet``; a bad argument prints one line to stderr and exits with status 2, a failed
-check exits with status 1.
+check or run (a benchmark suite that fails, a self-check mismatch) exits with status 1.
 """
 from __future__ import annotations
 
@@ -255,9 +255,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as e:
         print(f"cdlm-fast: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"cdlm-fast: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as e:  # a failed run (a benchmark suite, the model), not a bad argument
+        print(f"cdlm-fast: failed: {e}", file=sys.stderr)
+        return EXIT_FAIL
     except KeyboardInterrupt:
         return 130
 
