@@ -94,9 +94,10 @@ def attention_cuda(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opti
     if why is not None:
         raise ValueError(f"attention: backend 'cuda' cannot run these inputs: {why}")
     q, k, v = _vector_loadable(q), _vector_loadable(k), _vector_loadable(v)
-    prefix_len = prefix_len.to(device=q.device, dtype=torch.int32)
+    # The kernel reads prefix_len[b] / kv_lens[b] densely: a strided [B] view must be copied.
+    prefix_len = prefix_len.to(device=q.device, dtype=torch.int32).contiguous()
     if kv_lens is not None:
-        kv_lens = kv_lens.to(device=q.device, dtype=torch.int32)
+        kv_lens = kv_lens.to(device=q.device, dtype=torch.int32).contiguous()
     if bias is not None:
         bias = bias.to(torch.float32)
     return torch.ops.cdlm_fast.attention_fwd(q, k, v, bias, prefix_len, kv_lens, int(q_offset), int(block_size),

@@ -72,11 +72,11 @@ void check_vector_loads(const at::Tensor& t, const char* name) {
                     " must be 16-byte aligned");
 }
 
-int choose_splits(int ctas, int n_blocks_max, int64_t lk, int64_t rows_per_kv_head, bool decode, int num_sms) {
+int choose_splits(int64_t ctas, int n_blocks_max, int64_t lk, int64_t rows_per_kv_head, bool decode, int num_sms) {
   if (n_blocks_max <= 1) return 1;
   const int target = decode ? 2 * num_sms : num_sms;
   if (ctas >= target) return 1;
-  int splits = (target + ctas - 1) / ctas;
+  int splits = static_cast<int>((target + ctas - 1) / ctas);
   // The partial outputs (S x rows x D floats, written and read back) should stay small next
   // to the K/V bytes the split saves time on: S <= Lk / (8 * rows per KV head).
   const int64_t traffic_cap = std::max<int64_t>(1, lk / std::max<int64_t>(1, 8 * rows_per_kv_head));
@@ -142,6 +142,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   check_vector_loads(k, "k");
   check_vector_loads(v, "v");
 
+  // The kernel reads prefix_len[b] and kv_lens[b] densely.
+  const at::Tensor prefix_c = prefix_len.contiguous();
+  const at::Tensor kv_lens_c = kv_lens.has_value() ? kv_lens->contiguous() : at::Tensor();
+
   const c10::cuda::CUDAGuard guard(q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int group = static_cast<int>(Hq / Hkv);
@@ -151,7 +155,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   const int m_blocks = static_cast<int>((rows_per_kv_head + block_m - 1) / block_m);
   const int n_blocks_max = static_cast<int>((Lk + kBlockN - 1) / kBlockN);
   const int num_sms = current_device_attribute(cudaDevAttrMultiProcessorCount);
-  int splits = choose_splits(m_blocks * static_cast<int>(B * Hkv), n_blocks_max, Lk, rows_per_kv_head, decode,
+  int splits = choose_splits(static_cast<int64_t>(m_blocks) * B * Hkv, n_blocks_max, Lk, rows_per_kv_head, decode,
                              num_sms);
   const int per_split = std::max(1, (n_blocks_max + splits - 1) / splits);
   splits = std::max(1, (n_blocks_max + per_split - 1) / per_split);  // no empty trailing splits
@@ -161,8 +165,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const
   p.k = k.data_ptr();
   p.v = v.data_ptr();
   p.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  p.prefix_len = prefix_len.data_ptr<int>();
-  p.kv_lens = kv_lens.has_value() ? kv_lens->data_ptr<int>() : nullptr;
+  p.prefix_len = prefix_c.data_ptr<int>();
+  p.kv_lens = kv_lens.has_value() ? kv_lens_c.data_ptr<int>() : nullptr;
   p.q_stride_b = q.stride(0); p.q_stride_h = q.stride(1); p.q_stride_l = q.stride(2);
   p.k_stride_b = k.stride(0); p.k_stride_h = k.stride(1); p.k_stride_l = k.stride(2);
   p.v_stride_b = v.stride(0); p.v_stride_h = v.stride(1); p.v_stride_l = v.stride(2);

@@ -208,7 +208,6 @@ std::tuple<at::Tensor, at::Tensor> exp_gram_cuda(const at::Tensor& Q, const at::
   at::Tensor G = at::empty({P, t, t}, fopts);
   at::Tensor R = at::empty({P, t, e}, fopts);
   if (P == 0 || t == 0) return {G, R};
-  if (e == 0) R = at::empty({P, t, 0}, fopts);
 
   const c10::cuda::CUDAGuard guard(Q.device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -38,6 +38,7 @@ __global__ void __launch_bounds__(kThreads)
   const double* Rp = R + p * t * d;
   double* Xp = X + p * t * d;
   const int tid = threadIdx.x;
+  const int64_t ld = d;  // row stride of R and X: t * d may exceed the int range
 
   for (int e = tid; e < t * t; e += kThreads) {
     const int i = e / t, j = e % t;
@@ -76,20 +77,20 @@ __global__ void __launch_bounds__(kThreads)
 
   for (int c = tid; c < d; c += kThreads) {
     if (is_bad) {
-      for (int i = 0; i < t; ++i) Xp[i * d + c] = 0.0;
+      for (int i = 0; i < t; ++i) Xp[i * ld + c] = 0.0;
       continue;
     }
     // forward: L y = r (y stored in X)
     for (int i = 0; i < t; ++i) {
-      double s = Rp[i * d + c];
-      for (int j = 0; j < i; ++j) s -= sA[i][j] * Xp[j * d + c];
-      Xp[i * d + c] = s / sA[i][i];
+      double s = Rp[i * ld + c];
+      for (int j = 0; j < i; ++j) s -= sA[i][j] * Xp[j * ld + c];
+      Xp[i * ld + c] = s / sA[i][i];
     }
     // backward: L^T x = y
     for (int i = t - 1; i >= 0; --i) {
-      double s = Xp[i * d + c];
-      for (int j = i + 1; j < t; ++j) s -= sA[j][i] * Xp[j * d + c];
-      Xp[i * d + c] = s / sA[i][i];
+      double s = Xp[i * ld + c];
+      for (int j = i + 1; j < t; ++j) s -= sA[j][i] * Xp[j * ld + c];
+      Xp[i * ld + c] = s / sA[i][i];
     }
   }
 }

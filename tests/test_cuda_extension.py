@@ -141,6 +141,47 @@ def test_supports_reasons():
 # ---------------------------------------------------------------------------------------
 # GPU smoke tests (the full conformance matrix lives in test_attention.py / test_gram.py).
 
+def test_attention_cuda_passes_dense_lengths(monkeypatch):
+    # The kernel reads prefix_len[b] and kv_lens[b] densely: strided [B] int32 views (a column
+    # of a [B, 2] table, a step-2 slice) must reach the op as contiguous tensors.
+    seen = {}
+
+    def spy(q, k, v, bias, prefix_len, kv_lens, q_offset, block_size, scale):
+        seen["prefix_len"], seen["kv_lens"] = prefix_len, kv_lens
+        return q.new_zeros(q.shape), q.new_zeros(q.shape[:3], dtype=torch.float32)
+
+    monkeypatch.setattr(_cuda_ops, "_need_cuda", lambda *a, **kw: None)
+    monkeypatch.setattr(torch.ops.cdlm_fast, "attention_fwd", spy, raising=False)
+    q = torch.zeros(3, 2, 4, 64, dtype=torch.float16)
+    k = v = torch.zeros(3, 1, 40, 64, dtype=torch.float16)
+    table = torch.tensor([[5, 30], [7, 31], [9, 32]], dtype=torch.int32)
+    kl = torch.tensor([33, 0, 35, 0, 37, 0], dtype=torch.int32)[::2]
+    _cuda_ops.attention_cuda(q, k, v, None, table[:, 0], kl, 0, 8, 0.125)
+    assert seen["prefix_len"].is_contiguous() and seen["prefix_len"].tolist() == [5, 7, 9]
+    assert seen["kv_lens"].is_contiguous() and seen["kv_lens"].tolist() == [33, 35, 37]
+
+
+@needs_gpu
+def test_gpu_attention_fwd_strided_lengths():
+    # Strided prefix_len / kv_lens given straight to the op (the host copies them densely).
+    g = torch.Generator(device="cuda").manual_seed(11)
+    b, hq, hkv, lq, lk, d = 3, 4, 2, 20, 150, 64
+    q = torch.randn(b, hq, lq, d, generator=g, device="cuda").half()
+    k = torch.randn(b, hkv, lk, d, generator=g, device="cuda").half()
+    v = torch.randn(b, hkv, lk, d, generator=g, device="cuda").half()
+    table = torch.tensor([[60, 120], [10, 150], [90, 100]], dtype=torch.int32, device="cuda")
+    pre, kl = table[:, 0], table[:, 1]
+    assert not pre.is_contiguous() and not kl.is_contiguous()
+    out, lse = torch.ops.cdlm_fast.attention_fwd(q, k, v, None, pre, kl, 100, 4, d ** -0.5)
+    ref, ref_lse = attention_reference(q.double().cpu(), k.double().cpu(), v.double().cpu(),
+                                       prefix_len=pre.cpu(), block_size=4, q_offset=100, kv_lens=kl.cpu(),
+                                       scale=d ** -0.5, return_lse=True)
+    assert _rel(out.cpu(), ref) < 5e-3
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse.cpu()), finite)
+    assert (lse.cpu()[finite].double() - ref_lse[finite]).abs().max().item() < 1e-2
+
+
 def _poison_allocator(nbytes=64 << 20):
     """Fill a block of the caching allocator with NaN and free it, so the op's output
     buffers (allocated with torch.empty) start as NaN and unwritten elements show."""
