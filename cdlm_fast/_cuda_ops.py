@@ -114,7 +114,26 @@ def exp_gram_supports(Q=None, C=None, **meta) -> Optional[str]:
                f"{str(Q.dtype).replace('torch.', '')}"
     if Q.dim() == 3 and Q.shape[-1] > EXP_GRAM_MAX_DIM:
         return f"the CUDA exp_gram kernel supports head dim <= {EXP_GRAM_MAX_DIM}, got {Q.shape[-1]}"
+    if Q.dim() == 3:
+        need, limit = exp_gram_smem_bytes(Q.shape[-1]), _smem_limit(Q.device)
+        if limit is not None and need > limit:
+            return (f"the CUDA exp_gram kernel needs {need} bytes of shared memory per block for head dim "
+                    f"{Q.shape[-1]}, this GPU allows {limit}")
     return None
+
+
+def exp_gram_smem_bytes(d: int) -> int:
+    """Dynamic shared memory of one exp_gram block (the formula of ``launch`` in csrc/exp_gram.cu)."""
+    tile, chunk = 64, 16
+    return 4 * ((2 * tile + chunk) * (d + 1) + 2 * chunk * tile)
+
+
+def _smem_limit(device: torch.device) -> Optional[int]:
+    """Opt-in shared memory per block of a CUDA ``device`` (``None`` for other devices)."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", None)
 
 
 def exp_gram_cuda(Q: torch.Tensor, C: torch.Tensor, beta: Optional[torch.Tensor], shift: torch.Tensor,

@@ -397,3 +397,18 @@ def test_gpu_lstsq_gram_cholesky_flags_singular_problems():
     torch.library.opcheck(torch.ops.cdlm_fast.lstsq_gram_cholesky.default, (G, R, 0.0, 1e-12))
     torch.library.opcheck(torch.ops.cdlm_fast.nnls_admm_step.default,
                           tuple(_admm_inputs(2, 33, torch.float32, seed=1, strided=False)))
+
+
+def test_exp_gram_supports_checks_shared_memory(monkeypatch):
+    """A head dim whose shared memory exceeds the GPU's opt-in limit is refused with a reason
+    (so backend="auto" falls back instead of failing in the launch)."""
+    from cdlm_fast import _cuda_ops
+
+    assert _cuda_ops.exp_gram_smem_bytes(256) == 4 * ((2 * 64 + 16) * 257 + 2 * 16 * 64)
+    q = torch.empty(2, 8, 256)
+    monkeypatch.setattr(_cuda_ops, "_smem_limit", lambda device: 99 * 1024)
+    why = _cuda_ops.exp_gram_supports(Q=q)
+    assert why is not None and "shared memory" in why
+    assert _cuda_ops.exp_gram_supports(Q=torch.empty(2, 8, 128)) is None
+    monkeypatch.setattr(_cuda_ops, "_smem_limit", lambda device: None)
+    assert _cuda_ops.exp_gram_supports(Q=q) is None
