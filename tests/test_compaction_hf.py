@@ -12,6 +12,7 @@ from cdlm_fast.compaction import (CompactedCache, CompactedDynamicCache, Compact
                                   compact_model_cache)
 from cdlm_fast.compaction.hf_cache import CompactedCacheLayer  # noqa: E402
 from cdlm_fast.compaction.queries import prefill_with_queries  # noqa: E402
+from tiny_models import model_classes  # noqa: E402
 
 ARCHS = ["llama", "qwen2", "qwen3"]
 
@@ -20,16 +21,8 @@ def tiny_model(arch, seed=0):
     torch.manual_seed(seed)
     common = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, head_dim=16)
-    if arch == "llama":
-        cfg = transformers.LlamaConfig(**common)
-        cls = transformers.LlamaForCausalLM
-    elif arch == "qwen2":
-        cfg = transformers.Qwen2Config(**common)
-        cls = transformers.Qwen2ForCausalLM
-    else:
-        cfg = transformers.Qwen3Config(**common)
-        cls = transformers.Qwen3ForCausalLM
-    return cls(cfg).eval()
+    cfg_cls, cls = model_classes(arch)
+    return cls(cfg_cls(**common)).eval()
 
 
 def _subset_cache(model, ctx, keep, seed=1):

@@ -8,33 +8,18 @@ from cdlm_fast.decode import (GenerateOutput, denoise_step, generate, generate_b
 from cdlm_fast.student import BlockCausalStudent
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import EOS_ID, MASK_ID, VOCAB, tiny_model  # noqa: E402,F401
+from tiny_models import prompts as tiny_prompts  # noqa: E402
 
-VOCAB = 300
-MASK_ID = VOCAB - 1
-EOS_ID = VOCAB - 2
 
 
 def tiny_student(kind="qwen2", seed=0, peaky=20.0, **kw):
-    common = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                  num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=256)
-    cfg = (transformers.Qwen2Config if kind == "qwen2" else transformers.LlamaConfig)(**common)
-    cls = transformers.Qwen2ForCausalLM if kind == "qwen2" else transformers.LlamaForCausalLM
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    with torch.no_grad():
-        model.lm_head.weight.mul_(peaky)
+    model, _ = tiny_model(kind, seed, peaky, perturb_bias=False, twin=False)
     return BlockCausalStudent(model, mask_token_id=MASK_ID, eos_token_id=EOS_ID, **kw)
 
 
 def prompts(lengths, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    p = max(lengths)
-    ids = torch.randint(0, VOCAB - 2, (len(lengths), p), generator=g)
-    mask = torch.zeros(len(lengths), p, dtype=torch.long)
-    for i, n in enumerate(lengths):
-        mask[i, p - n:] = 1
-        ids[i, : p - n] = 0
-    return ids, mask
+    return tiny_prompts(lengths, seed, pad_id=0)
 
 
 # ---------------------------------------------------------------- the threshold rule

@@ -16,49 +16,9 @@ from cdlm_fast.reference.attention import visible_mask
 from cdlm_fast.student import BlockCausalStudent, default_token_settings
 
 transformers = pytest.importorskip("transformers")
+from tiny_models import EOS_ID, MASK_ID, VOCAB, prompts, tiny_model  # noqa: E402,F401
 
-VOCAB = 300
-MASK_ID = VOCAB - 1
-EOS_ID = VOCAB - 2
 TOL = 2e-5
-
-
-def tiny_model(kind: str, seed: int = 0, peaky: float = 20.0):
-    """A tiny random decoder (float32) and its float64 twin with eager attention."""
-    common = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-                  num_hidden_layers=2, vocab_size=VOCAB, max_position_embeddings=256)
-    if kind == "qwen2":
-        cfg, cls = transformers.Qwen2Config(**common), transformers.Qwen2ForCausalLM
-    elif kind == "llama":
-        cfg, cls = transformers.LlamaConfig(**common), transformers.LlamaForCausalLM
-    elif kind == "qwen3":
-        cfg, cls = transformers.Qwen3Config(head_dim=16, **common), transformers.Qwen3ForCausalLM
-    else:
-        raise ValueError(kind)
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = cls(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias"):  # Qwen2 q/k/v biases start at zero: make them matter
-                p.normal_(0, 0.2)
-        # peaky logits so that thresholds below 1 accept several tokens per step
-        model.lm_head.weight.mul_(peaky)
-    model64 = cls(cfg).eval().double()
-    model64.load_state_dict(model.state_dict())
-    return model, model64
-
-
-def prompts(batch_lengths, seed=1):
-    """Left-padded random prompts [B, P] and their 0/1 mask."""
-    g = torch.Generator().manual_seed(seed)
-    p = max(batch_lengths)
-    ids = torch.randint(0, VOCAB - 2, (len(batch_lengths), p), generator=g)
-    mask = torch.zeros(len(batch_lengths), p, dtype=torch.long)
-    for i, n in enumerate(batch_lengths):
-        mask[i, p - n:] = 1
-        ids[i, : p - n] = EOS_ID  # pad id (never attended)
-    return ids, mask
 
 
 def oracle_logits(model64, seq, prompt_mask, block_size, extra_hidden=None):
