@@ -23,12 +23,7 @@ def _version(module: str) -> str:
 
 def _ensure_ops_loaded() -> None:
     """Import every public op module so that all backends are registered."""
-    import cdlm_fast  # noqa: F401  (registers attention and solvers)
-    for mod in ("cdlm_fast.ops.gram",):
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass
+    import cdlm_fast  # noqa: F401  (imports every op module, which registers its backends)
 
 
 def default_device() -> torch.device:

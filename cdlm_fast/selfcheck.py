@@ -117,11 +117,7 @@ def run_selfcheck(device: Optional[torch.device] = None) -> List[CheckResult]:
         run = _attention_case(device, dtype, gen)
         for backend in BACKENDS:
             results.append(_one("attention", backend, dtype, device, run))
-    try:
-        cases = _solver_cases(device, gen)
-    except (ImportError, AttributeError) as e:  # solvers not built in this version
-        cases = {}
-        results.append(CheckResult("solvers", "-", "-", None, 0.0, None, f"not available: {e}"))
+    cases = _solver_cases(device, gen)
     cases["exp_gram"] = _exp_gram_case(device, gen)
     for name, run in cases.items():
         for backend in BACKENDS:
