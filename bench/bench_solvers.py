@@ -120,7 +120,7 @@ def test_nnls_clamp_projected_gradient(benchmark, problem):
     _report(benchmark, problem, x)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cuda"])
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
 @pytest.mark.parametrize("ridge", [0.0, 1e-6])
 def test_lstsq_gram_ours(benchmark, problem, ridge, backend):
     why = op("lstsq_gram").reason(backend, torch.device(DEV))

@@ -256,10 +256,7 @@ def lstsq_gram_cuda(G: torch.Tensor, R: torch.Tensor, ridge: float) -> torch.Ten
     if N == 0 or t == 0 or t > LSTSQ_CHOLESKY_MAX_T:
         return solvers._lstsq_gram_torch(G, R, ridge)
     X, bad = torch.ops.cdlm_fast.lstsq_gram_cholesky(G.double(), R.double(), float(ridge), solvers._RANK_TOL)
-    if bool(bad.any()):
-        idx = bad.nonzero().squeeze(-1)
-        X[idx] = solvers._lstsq_gram_torch(G[idx], R[idx], ridge)
-    return X
+    return solvers._resolve_singular(X, bad, G, R, ridge)
 
 
 def _register_lstsq_fakes() -> None:

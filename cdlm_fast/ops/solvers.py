@@ -17,7 +17,9 @@ What each backend runs:
 * ``lstsq_gram`` / ``lstsq``: backend ``"torch"`` -- batched Cholesky of ``G + ridge I``
   in float64 (``cholesky_ex`` + ``cholesky_solve``, no host sync per problem), with an
   eigendecomposition pseudo-inverse fallback for the problems whose factorisation fails or
-  is numerically singular (one host sync per call to find them). Backend ``"cuda"``: for
+  is numerically singular (one host sync per call to find them). Backend ``"triton"``: a
+  blocked float64 Cholesky and two-triangle solve of its own (:mod:`cdlm_fast.kernels.lstsq`,
+  any ``t``); the problems it flags as singular take the fallback above. Backend ``"cuda"``: for
   ``t <= 64`` one CUDA thread block per problem factors ``G + ridge I`` in shared memory
   (float64) and solves all right-hand sides; the problems it flags as singular, and every
   problem with ``t > 64``, take the torch path above. ``lstsq`` forms the normal
@@ -237,8 +239,18 @@ def _lstsq_gram_torch(G: torch.Tensor, R: torch.Tensor, ridge: float) -> torch.T
     return X
 
 
+def _resolve_singular(X: torch.Tensor, bad: torch.Tensor, G: torch.Tensor, R: torch.Tensor,
+                      ridge: float) -> torch.Tensor:
+    """Re-solve with :func:`_lstsq_gram_torch` the problems a fused Cholesky backend flagged in
+    ``bad [N]`` as numerically singular (one host sync); returns ``X``."""
+    if bool(bad.any()):
+        idx = bad.nonzero().squeeze(-1)
+        X[idx] = _lstsq_gram_torch(G[idx], R[idx], ridge)
+    return X
+
+
 _LSTSQ.register("torch", _lstsq_gram_torch)
-_LSTSQ.lazy("cdlm_fast._cuda_ops")
+_LSTSQ.lazy("cdlm_fast.kernels.lstsq", "cdlm_fast._cuda_ops")
 
 
 def lstsq_gram(G: torch.Tensor, R: torch.Tensor, *, ridge: float = 0.0, backend: str = "auto") -> torch.Tensor:
@@ -256,8 +268,8 @@ def lstsq_gram(G: torch.Tensor, R: torch.Tensor, *, ridge: float = 0.0, backend:
         G: ``[..., t, t]`` symmetric PSD float (solved in float64).
         R: ``[..., t, d]`` or ``[..., t]``.
         ridge: float ``>= 0``.
-        backend: ``"auto"``, ``"cuda"`` (CUDA tensors; see the module docstring) or ``"torch"``
-            (cuSOLVER batched Cholesky on a GPU).
+        backend: ``"auto"``, ``"cuda"`` (CUDA tensors), ``"triton"`` or ``"torch"`` (cuSOLVER
+            batched Cholesky on a GPU); see the module docstring.
 
     Returns:
         ``X`` ``[..., t, d]`` (or ``[..., t]``), float64 if an input is float64 else float32.
