@@ -91,8 +91,12 @@ CUTE_HOST_DEVICE constexpr auto acc_to_a_operand(Layout_ const& l) {
 }
 
 // The configurations that are compiled (keep this set small: it drives build time).
+// Prefill: 128 packed rows x 64 keys. Head dim 64 with 4 warps (two 16-row slabs per warp,
+// 248 registers, no spills on sm_90a); head dim 128 with 8 warps (one slab per warp): at 4
+// warps its O accumulator alone is 128 floats per thread and ptxas spills (255 registers,
+// 116 B spill stores in the key loop), at 8 warps it uses 184 registers and spills nothing.
 template <typename Element, int kHeadDim>
-using PrefillTraits = AttnTraits<kHeadDim, 128, 64, 4, Element>;
+using PrefillTraits = AttnTraits<kHeadDim, 128, 64, kHeadDim == 128 ? 8 : 4, Element>;
 template <typename Element, int kHeadDim>
 using DecodeTraits = AttnTraits<kHeadDim, 64, 64, 4, Element>;
 

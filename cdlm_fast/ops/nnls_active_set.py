@@ -77,7 +77,7 @@ def nnls_gram_active_set(
     h: torch.Tensor,
     x0: Optional[torch.Tensor] = None,
     max_iter: Optional[int] = None,
-    tol: float = 1e-7,
+    tol: float = 1e-10,
     admm_step: AdmmStep = admm_step_torch,
     admm_min_t: int = ADMM_MIN_T,
     admm_iters: int = ADMM_ITERS,
