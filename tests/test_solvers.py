@@ -336,45 +336,29 @@ def test_nnls_gpu_large_t_default_path_matches_torch_and_scipy(backend, t, devic
         assert f - fr <= 1e-9 * fr + 1e-12 * float(b[p].pow(2).sum()), (p, f, fr)
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("t,d", [(1, 1), (17, 3), (64, 130), (65, 2), (100, 5), (513, 129)], ids=str)
-def test_lstsq_gpu_triton_matches_torch(t, d, device):
-    """The blocked Triton Cholesky at real sizes (32-wide blocks on a GPU, ragged last block
-    and RHS tile), singular problems included, against the torch backend (cuSOLVER)."""
-    if device != "cuda":
-        pytest.skip("needs a CUDA device (32-wide blocks; the interpreter runs 16-wide ones)")
-    _skip("triton", device, "lstsq_gram")
-    g = torch.Generator().manual_seed(t * 1000 + d)
-    A = torch.randn(4, 2 * t + 3, t, generator=g, dtype=torch.float64)
-    B = torch.randn(4, 2 * t + 3, d, generator=g, dtype=torch.float64)
-    if t > 40:
-        A[1, :, 40] = A[1, :, 3]
-    G, R = A.mT @ A, A.mT @ B
-    _poison_allocator()
-    X = lstsq_gram(G.cuda(), R.cuda(), backend="triton")
-    ref = lstsq_gram(G.cuda(), R.cuda(), backend="torch")
-    assert X.shape == (4, t, d) and torch.isfinite(X).all()
-    assert float((X - ref).norm() / ref.norm()) < 1e-9
-
-
-@pytest.mark.parametrize("t,d", [(1, 1), (17, 3), (64, 130), (65, 2), (100, 5)], ids=str)
-def test_lstsq_gpu_cuda_matches_torch_around_the_kernel_limit(t, d, device):
-    """t <= 64 runs the shared-memory Cholesky kernel (d > 128 loops over columns); t > 64 and
-    singular problems take the torch path. A batch mixing both kinds of problems."""
+def test_lstsq_gpu_matches_torch(backend, t, d, device):
+    """The fused backends at real sizes against the torch backend (cuSOLVER), in a batch that
+    mixes regular and singular problems (a duplicate column far from its twin: in another
+    Cholesky block). triton: 32-wide blocks on a GPU (the interpreter runs 16-wide ones),
+    ragged last block and RHS tile. cuda: t <= 64 runs the shared-memory Cholesky kernel
+    (d > 128 loops over columns), larger t and the singular problems take the torch path."""
     if device != "cuda":
         pytest.skip("needs a CUDA device")
-    _skip("cuda", device, "lstsq_gram")
+    _skip(backend, device, "lstsq_gram")
     g = torch.Generator().manual_seed(t * 1000 + d)
     A = torch.randn(4, 2 * t + 3, t, generator=g, dtype=torch.float64)
     B = torch.randn(4, 2 * t + 3, d, generator=g, dtype=torch.float64)
     if t > 2:
-        A[1, :, 2] = A[1, :, 1]  # singular Gram: the pseudo-inverse fallback
+        A[1, :, t - 1] = A[1, :, t // 3]  # singular Gram: the pseudo-inverse fallback
     G, R = A.mT @ A, A.mT @ B
     _poison_allocator()
-    X = lstsq_gram(G.cuda(), R.cuda(), backend="cuda")
+    X = lstsq_gram(G.cuda(), R.cuda(), backend=backend)
     ref = lstsq_gram(G.cuda(), R.cuda(), backend="torch")
     assert X.shape == (4, t, d) and torch.isfinite(X).all()
     assert float((X - ref).norm() / ref.norm()) < 1e-9
-    Xr = lstsq_gram(G.cuda(), R.cuda(), ridge=0.3, backend="cuda")
+    Xr = lstsq_gram(G.cuda(), R.cuda(), ridge=0.3, backend=backend)
     ref = torch.linalg.solve(G + 0.3 * torch.eye(t, dtype=torch.float64), R)
     assert float((Xr.cpu() - ref).norm() / ref.norm()) < 1e-10
 
