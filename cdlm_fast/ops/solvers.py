@@ -34,13 +34,10 @@ import torch
 
 from .. import _validate as V
 from ..backends import op
-from .nnls_active_set import nnls_gram_active_set
+from .nnls_active_set import DEFAULT_TOL, nnls_gram_active_set
 
 __all__ = ["NNLSResult", "nnls", "nnls_gram", "lstsq", "lstsq_gram"]
 
-# KKT tolerance relative to max|h|. 1e-7 stopped a t = 2048 problem with near-duplicate keys
-# one support change early, 3e-5 above scipy's objective; at 1e-10 it reaches it (KKT 3e-16).
-DEFAULT_TOL = 1e-10
 _NNLS = op("nnls_gram")
 _LSTSQ = op("lstsq_gram")
 # A pivot below this fraction of max(diag G) counts as numerical rank deficiency.
