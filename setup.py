@@ -132,8 +132,9 @@ setup(
     install_requires=["torch>=2.6", "numpy", "tqdm"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scipy", "transformers>=5.17", "gguf", "accelerate",
-                 "matplotlib"],
-        "hf": ["transformers>=5.17", "gguf", "accelerate"],
+                 "matplotlib", "peft", "safetensors"],
+        "hf": ["transformers>=5.17", "gguf", "accelerate", "safetensors"],
+        "peft": ["transformers>=5.17", "accelerate", "safetensors", "peft"],
         "bench": ["pytest", "pytest-benchmark", "scipy", "matplotlib"],
     },
     entry_points={"console_scripts": ["cdlm-fast=cdlm_fast.cli:main"]},

@@ -1,6 +1,6 @@
 """The ``cdlm-fast`` / ``python -m cdlm_fast`` command line.
 
-Subcommands: ``env``, ``selfcheck``, ``bench``, ``compact``, ``generate``, ``demo`` and
+Subcommands: ``env``, ``selfcheck``, ``bench``, ``compact``, ``generate``, ``check-model``, ``demo`` and
 ``check`` (the default job: environment report, self-check of every backend, then the demo). Every subcommand takes ``--json`` (machine-readable output on stdout) and
 ``--quiet``; a bad argument prints one line to stderr and exits with status 2, a failed
 check or run (a benchmark suite that fails, a self-check mismatch) exits with status 1.
@@ -133,12 +133,103 @@ def cmd_compact(args) -> int:
     return EXIT_OK
 
 
+def _is_student_folder(args) -> bool:
+    """A diffusion checkpoint (Dream / LLaDA / one with a mask id) or a LoRA adapter folder; a plain
+    autoregressive folder (or a GGUF one) keeps the demo path unless a mask id is given."""
+    spec = args.model
+    if not os.path.isdir(spec):
+        return False
+    if os.path.isfile(os.path.join(spec, "adapter_config.json")):
+        return True
+    cfg_file = os.path.join(spec, "config.json")
+    if not os.path.isfile(cfg_file) or args.gguf_file:
+        return False
+    with open(cfg_file, encoding="utf-8") as f:
+        cfg = json.load(f)
+    return (str(cfg.get("model_type", "")).lower() in ("dream", "llada") or cfg.get("mask_token_id") is not None
+            or args.mask_token_id is not None)
+
+
+def _tokenizer_for(*folders):
+    """The tokenizer of the first folder that has one (``None`` if none), without remote code:
+    ``tokenizer.json`` through ``PreTrainedTokenizerFast`` (Dream and LLaDA ship one), else
+    ``AutoTokenizer`` with ``trust_remote_code=False``."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    for folder in folders:
+        if not folder:
+            continue
+        if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            return PreTrainedTokenizerFast.from_pretrained(folder)
+        if any(os.path.isfile(os.path.join(folder, f)) for f in ("tokenizer_config.json", "tokenizer.model")):
+            return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    return None
+
+
+def _prompt_ids(args, tok):
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.replace(",", " ").split()]
+        except ValueError:
+            raise UsageError(f"--prompt-ids must be integers separated by commas, got {args.prompt_ids!r}") from None
+        if not ids:
+            raise UsageError("--prompt-ids must hold at least one id")
+        return torch.tensor([ids])
+    if args.prompt is None:
+        raise UsageError("give a PROMPT (or --prompt-ids)")
+    if tok is None:
+        raise UsageError(f"{args.model} has no tokenizer: pass --prompt-ids")
+    if getattr(tok, "chat_template", None) and not args.raw:
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        return tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    return tok(args.prompt, return_tensors="pt").input_ids
+
+
+def _generate_checkpoint(args) -> int:
+    """``generate --model FOLDER``: a Dream / LLaDA / CDLM / stock / LoRA checkpoint."""
+    from .decode import generate
+    from .student import load_student
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = args.dtype or ("bfloat16" if dev == "cuda" else "float32")
+    student = load_student(args.model, base=args.base, dtype=dtype, device=dev, merge_adapter=args.merge_adapter,
+                           mask_token_id=args.mask_token_id, eos_token_id=args.eos_token_id)
+    info = student.info
+    tok = _tokenizer_for(args.model, info.base_path)
+    ids = _prompt_ids(args, tok).to(student.device)
+    kw = {}
+    if args.block_size is not None:
+        kw["block_size"] = args.block_size
+    if args.threshold is not None:
+        kw["threshold"] = args.threshold
+    out = generate(student, ids, args.max_new_tokens, confidence=args.confidence, **kw)
+    tokens = out.tokens[0].tolist()
+    text = tok.decode(tokens, skip_special_tokens=True) if tok is not None else None
+    res = {"model": info.as_dict(), "tokens": tokens, "text": text, "steps_per_block": out.steps_per_block,
+           "steps": out.num_steps, "tokens_per_step": out.tokens_per_step,
+           "time_per_step_ms": 1e3 * out.time_per_step, "total_s": out.total_time}
+    if args.json:
+        print(json.dumps(res, indent=2, default=str))
+    elif not args.quiet:
+        print(text if text is not None else " ".join(map(str, tokens)))
+        print(f"\n{info.family} ({info.architecture}{', ' + info.adapter if info.adapter else ''}): "
+              f"{out.num_steps} steps, {out.tokens_per_step:.2f} tokens/step, {1e3 * out.time_per_step:.1f} ms/step, "
+              f"steps per block {out.steps_per_block}")
+    return EXIT_OK
+
+
 def cmd_generate(args) -> int:
+    if args.model != "smollm2" and _is_student_folder(args):
+        return _generate_checkpoint(args)
+    if args.base or args.merge_adapter:
+        raise UsageError("--base / --merge-adapter need --model <checkpoint or adapter folder>")
     from . import demo
 
     model, tok = _load(args)
-    res = demo.block_decode(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, block_size=args.block_size,
-                            threshold=args.threshold, baselines=args.baselines)
+    res = demo.block_decode(model, tok, _prompt_text(args), max_new_tokens=args.max_new_tokens,
+                            block_size=args.block_size or 32, threshold=0.9 if args.threshold is None else args.threshold,
+                            baselines=args.baselines)
     if args.json:
         print(json.dumps(res, indent=2, default=str))
     elif not args.quiet:
@@ -147,6 +238,36 @@ def cmd_generate(args) -> int:
               f"steps per block {res['steps_per_block']}")
         for name, b in res.get("baselines", {}).items():
             print(f"{name}: {b['steps']} steps, {b['time_per_step_ms']:.1f} ms/step")
+    return EXIT_OK
+
+
+def _prompt_text(args) -> str:
+    if args.prompt is None:
+        raise UsageError("give a PROMPT")
+    return args.prompt
+
+
+def cmd_check_model(args) -> int:
+    """What a checkpoint folder is: family, stock class, alignment, token ids, adapter, key check."""
+    from .checkpoints import check_weight_names, load_stock_model
+
+    if args.load:
+        _, info = load_stock_model(args.path, base=args.base)
+        checked = "loaded"
+    else:
+        info = check_weight_names(args.path, base=args.base)
+        checked = "names and shapes"
+    data = info.as_dict()
+    data["weights"] = checked
+    lines = [f"{'family':<18}{info.family} (config.model_type {info.model_type!r})",
+             f"{'loads as':<18}{info.architecture}" + (f", LLaDA block_type {info.block_type!r}" if info.block_type
+                                                       else ""),
+             f"{'adapter':<18}{info.adapter or 'none'}" + (f" over {info.base_path}" if info.base_path else ""),
+             f"{'weights':<18}ok ({checked} match the stock class)"]
+    for name in ("logits_alignment", "mask_token_id", "eos_token_id", "eot_token_id", "block_size", "threshold"):
+        lines.append(f"{name:<18}{getattr(info, name)}  [{info.sources.get(name, '?')}]")
+    lines.append(f"{'vocab_size':<18}{info.vocab_size}")
+    _emit(args, data, "\n".join(lines))
     return EXIT_OK
 
 
@@ -160,6 +281,16 @@ def _positive(kind):
             raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
         return value
     return parse
+
+
+def _unit(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a float in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a float in [0, 1], got {text!r}")
+    return value
 
 
 def _ratio(text):
@@ -219,7 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for the JSON and PNG (default bench/results)")
     p.set_defaults(fn=cmd_bench)
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--model", default="smollm2", help="'smollm2' (bundled GGUF) or a local model folder")
+    model.add_argument("--model", default="smollm2",
+                       help="'smollm2' (bundled GGUF), a local model folder, or (generate) a Dream / LLaDA / CDLM "
+                            "checkpoint or LoRA adapter folder")
     model.add_argument("--gguf-file", default=None, help="GGUF file name inside --model")
     p = sub.add_parser("compact", parents=[common, model], help="compact a model's cache of a text, report quality")
     p.add_argument("--text", default=None, help="text file (default: the bundled public-domain text)")
@@ -229,12 +362,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_positive(int), default=2048, help="context tokens kept from the text")
     p.set_defaults(fn=cmd_compact)
     p = sub.add_parser("generate", parents=[common, model], help="CDLM block decoding of a prompt")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", default=None)
+    p.add_argument("--prompt-ids", default=None, help="token ids instead of a PROMPT, e.g. '1,2,3'")
     p.add_argument("--max-new-tokens", type=_positive(int), default=64)
-    p.add_argument("--block-size", type=_positive(int), default=32)
-    p.add_argument("--threshold", type=float, default=0.9)
-    p.add_argument("--baselines", action="store_true", help="also time the no-cache and vanilla decoders")
+    p.add_argument("--block-size", type=_positive(int), default=None,
+                   help="default: the checkpoint's, else 32")
+    p.add_argument("--threshold", type=_unit, default=None, help="default: the checkpoint's, else 0.9")
+    p.add_argument("--confidence", default="full_softmax", choices=("full_softmax", "mask_renormalized"))
+    p.add_argument("--base", default=None, help="base model folder of a LoRA adapter folder given as --model")
+    p.add_argument("--merge-adapter", action="store_true", help="merge the LoRA into the weights")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16", "float64"),
+                   help="default: bfloat16 on a GPU, float32 on a CPU")
+    p.add_argument("--mask-token-id", type=int, default=None, help="default: the checkpoint's, else its family's")
+    p.add_argument("--eos-token-id", type=int, default=None, help="default: the checkpoint's, else its family's")
+    p.add_argument("--raw", action="store_true", help="do not apply the tokenizer's chat template")
+    p.add_argument("--baselines", action="store_true", help="also time the no-cache and vanilla decoders (smollm2)")
     p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("check-model", parents=[common],
+                       help="what a checkpoint folder is: family, alignment, mask id, adapter, weight names")
+    p.add_argument("path", help="a model folder or a LoRA adapter folder")
+    p.add_argument("--base", default=None, help="base model folder of an adapter")
+    p.add_argument("--load", action="store_true", help="load the weights too (default: check names and shapes)")
+    p.set_defaults(fn=cmd_check_model)
     demo_opts = argparse.ArgumentParser(add_help=False)
     demo_opts.add_argument("--context-tokens", type=_positive(int), default=1024)
     demo_opts.add_argument("--ratio", type=_ratio, default=10.0)

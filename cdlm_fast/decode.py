@@ -13,14 +13,21 @@
   the block-causal ones by design: every position (the prompt included) attends to every
   other, including still-masked future positions, so it is a different model of the sequence.
 
-Decoding rule inside a block (Fast-dLLM / CDLM): each step computes the logits of the block;
-the confidence of a masked position is the softmax probability of its argmax token (float32
-by default, ``confidence_dtype=torch.float64`` as in Fast-dLLM); every masked position with
-confidence ``>= threshold`` is fixed, and always at least one (the most confident). Positions
-outside the current block never count. After a block is finished a sample stops once its
-block contains the EOS token; its remaining positions are filled with EOS. With
-``temperature > 0`` the token is sampled from ``softmax(logits / temperature)`` and its
-confidence is the sampled token's probability.
+Decoding rule inside a block (Fast-dLLM's ``get_transfer_index``, which CDLM follows; Dream's
+and LLaDA's samplers score confidence the same way): each step computes the logits of the
+block; a masked position predicts its argmax token and its confidence is that token's
+probability under the **full** softmax over the vocabulary, ``[MASK]`` included
+(``confidence="full_softmax"``, the default; float32 by default, ``confidence_dtype=torch.float64``
+as in Fast-dLLM); every masked position with confidence ``>= threshold`` is fixed, and always
+at least one (the most confident). The ``[MASK]`` token is never chosen (upstream's argmax may
+pick it and then loops forever; where upstream does not pick it the two rules agree exactly).
+``confidence="mask_renormalized"`` scores ``p_top / (1 - p_mask)`` instead (``[MASK]`` dropped
+from the softmax), which accepts more tokens when the model puts mass on ``[MASK]``.
+Positions outside the current block never count. After a block is finished a sample stops
+once its block contains the EOS token; its remaining positions are filled with EOS. With
+``temperature > 0`` the token is sampled from ``softmax(logits / temperature)`` without
+``[MASK]`` and its confidence is the sampled token's probability under the tempered softmax
+(with ``[MASK]`` for ``"full_softmax"``).
 """
 from __future__ import annotations
 
@@ -31,9 +38,24 @@ from typing import Callable, List, Optional
 
 import torch
 
-from .student import BlockCausalStudent
+from .student import BlockCausalStudent, load_student
 
-__all__ = ["GenerateOutput", "generate", "generate_block_causal_nocache", "generate_vanilla", "as_student"]
+__all__ = ["GenerateOutput", "generate", "generate_block_causal_nocache", "generate_vanilla", "as_student",
+           "CONFIDENCE_RULES"]
+
+#: ``"full_softmax"``: upstream (Fast-dLLM / Dream / LLaDA) confidence, the chosen token's
+#: probability under the full softmax; ``"mask_renormalized"``: ``[MASK]`` removed from the softmax.
+CONFIDENCE_RULES = ("full_softmax", "mask_renormalized")
+
+
+class _FromModel:
+    """Default of ``block_size`` / ``threshold``: the student's (checkpoint or family table)."""
+
+    def __repr__(self):
+        return "<from the model>"
+
+
+FROM_MODEL = _FromModel()
 
 LogitsHook = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
@@ -93,11 +115,28 @@ class GenerateOutput:
 
 def as_student(model_or_student, *, mask_token_id=None, eos_token_id=None, logits_alignment=None,
                backend="auto") -> BlockCausalStudent:
-    """Wrap a Hugging Face model in a :class:`BlockCausalStudent` (no weight copy); pass a student through."""
+    """A :class:`BlockCausalStudent` of a model, PEFT model, Dream / LLaDA object or checkpoint folder
+    (no weight copy, see :func:`cdlm_fast.student.load_student`); a student is passed through."""
     if isinstance(model_or_student, BlockCausalStudent):
         return model_or_student
-    return BlockCausalStudent(model_or_student, mask_token_id=mask_token_id, eos_token_id=eos_token_id,
-                              logits_alignment=logits_alignment, backend=backend)
+    return load_student(model_or_student, mask_token_id=mask_token_id, eos_token_id=eos_token_id,
+                        logits_alignment=logits_alignment, backend=backend)
+
+
+def _rewrap(student: BlockCausalStudent, **changes) -> BlockCausalStudent:
+    """The same weights and settings with other ``backend`` / ``attn_impl`` / token ids."""
+    kw = dict(mask_token_id=student.mask_token_id, eos_token_id=student.eos_token_id,
+              logits_alignment=student.logits_alignment, backend=student.backend, attn_impl=student.attn_impl)
+    kw.update(changes)
+    return BlockCausalStudent(student.model, info=student.info, **kw)
+
+
+def _resolve_defaults(student: BlockCausalStudent, block_size, threshold):
+    if block_size is FROM_MODEL or block_size is None:
+        block_size = student.info.block_size
+    if threshold is FROM_MODEL:
+        threshold = student.info.threshold
+    return block_size, threshold
 
 
 def _sync(device: torch.device) -> None:
@@ -107,33 +146,42 @@ def _sync(device: torch.device) -> None:
 
 def denoise_step(logits: torch.Tensor, block: torch.Tensor, *, mask_token_id: int, threshold: Optional[float],
                  temperature: float = 0.0, generator: Optional[torch.Generator] = None,
-                 confidence_dtype: torch.dtype = torch.float32):
+                 confidence_dtype: torch.dtype = torch.float32, confidence: str = "full_softmax"):
     """Fix the confident masked positions of ``block`` in place.
 
     Args:
         logits: ``[B, n, V]`` logits aligned with ``block`` (row j predicts ``block[:, j]``).
         block: ``[B, n]`` int64 current block (a view; updated in place).
-        mask_token_id: the ``[MASK]`` id; it is excluded from the predictions.
+        mask_token_id: the ``[MASK]`` id; it is never chosen as a prediction.
         threshold: confidence threshold; ``None`` fixes exactly one token per step.
+        confidence: ``"full_softmax"`` (upstream: the chosen token's probability under the full
+            softmax, ``[MASK]`` included) or ``"mask_renormalized"`` (``[MASK]`` left out of the
+            softmax: ``p / (1 - p_mask)``); see the module docs.
 
     Returns:
         ``(accepted, masked)`` boolean ``[B, n]``: positions fixed now, positions masked before.
     """
+    if confidence not in CONFIDENCE_RULES:
+        raise ValueError(f"confidence must be one of {CONFIDENCE_RULES}, got {confidence!r}")
     masked = block == mask_token_id
     lf = logits.to(confidence_dtype)
+    pick = lf
     if 0 <= mask_token_id < lf.shape[-1]:
         # the [MASK] token itself is never a prediction (it would leave the position undecided)
         # (index built on the device: torch.tensor([...], device=cuda) would be a blocking copy every step)
         idx = torch.full((1,), mask_token_id, dtype=torch.int64, device=lf.device)
-        lf = lf.index_fill(-1, idx, float("-inf"))
+        pick = lf.index_fill(-1, idx, float("-inf"))
+    scored = pick if confidence == "mask_renormalized" else lf
     if temperature > 0:
-        probs = torch.softmax(lf / temperature, dim=-1)
+        probs = torch.softmax(pick / temperature, dim=-1)
         b, n, v = probs.shape
         pred = torch.multinomial(probs.view(-1, v), 1, generator=generator).view(b, n)
+        if scored is not pick:
+            probs = torch.softmax(scored / temperature, dim=-1)
         conf = probs.gather(-1, pred.unsqueeze(-1)).squeeze(-1)
     else:
-        mx, pred = lf.max(dim=-1)
-        conf = torch.exp(mx - torch.logsumexp(lf, dim=-1))
+        mx, pred = pick.max(dim=-1)
+        conf = torch.exp(mx - torch.logsumexp(scored, dim=-1))
     conf = conf.masked_fill(~masked, -1.0)
     if threshold is None:
         accept = torch.zeros_like(masked)
@@ -159,7 +207,10 @@ def _check_common(max_new_tokens, block_size, threshold, temperature, allow_none
         raise ValueError(f"temperature must be a finite float >= 0, got {temperature!r}")
 
 
-def _check_token_ids(mask_id: int, eos_id: int) -> None:
+def _check_token_ids(mask_id: int, eos_id: int, vocab_size: Optional[int] = None) -> None:
+    if vocab_size is not None and not 0 <= mask_id < vocab_size:
+        raise ValueError(f"mask_token_id {mask_id} is outside the model's vocabulary of {vocab_size} tokens: "
+                         "pass the [MASK] id of the checkpoint's tokenizer")
     if mask_id == eos_id:
         # EOS could then never be predicted (the [MASK] id is excluded) and an EOS fill would
         # read as undecided positions: decoding would silently never stop
@@ -168,8 +219,10 @@ def _check_token_ids(mask_id: int, eos_id: int) -> None:
 
 def _run_blocks(student: BlockCausalStudent, out: GenerateOutput, x: torch.Tensor, block_size: int,
                 logits_fn, commit_fn, *, mask_token_id, eos_token_id, threshold, temperature, generator,
-                confidence_dtype, stop_at_eos, logits_hook, progress):
+                confidence_dtype, stop_at_eos, logits_hook, progress, confidence="full_softmax"):
     """Shared block loop: ``logits_fn(bi, s, e) -> [B, e - s, V]``; ``commit_fn(bi, s, e)`` after a block."""
+    if confidence not in CONFIDENCE_RULES:
+        raise ValueError(f"confidence must be one of {CONFIDENCE_RULES}, got {confidence!r}")
     b, n_total = x.shape
     dev = x.device
     nblocks = -(-n_total // block_size)
@@ -195,7 +248,7 @@ def _run_blocks(student: BlockCausalStudent, out: GenerateOutput, x: torch.Tenso
                 logits_hook(bi, step, x, logits)
             accept, masked = denoise_step(logits, block, mask_token_id=mask_token_id, threshold=threshold,
                                           temperature=temperature, generator=generator,
-                                          confidence_dtype=confidence_dtype)
+                                          confidence_dtype=confidence_dtype, confidence=confidence)
             out.decoded_tokens += accept.sum(1)
             out.active_steps += masked.any(1)
             step += 1
@@ -226,8 +279,8 @@ def generate(
     model_or_student,
     prompt_ids: Optional[torch.Tensor],
     max_new_tokens: int,
-    block_size: int = 32,
-    threshold: Optional[float] = 0.9,
+    block_size=FROM_MODEL,
+    threshold=FROM_MODEL,
     temperature: float = 0.0,
     mask_token_id: Optional[int] = None,
     eos_token_id: Optional[int] = None,
@@ -240,19 +293,24 @@ def generate(
     stop_at_eos: bool = True,
     generator: Optional[torch.Generator] = None,
     confidence_dtype: torch.dtype = torch.float32,
+    confidence: str = "full_softmax",
     logits_hook: Optional[LogitsHook] = None,
     progress: bool = False,
 ) -> GenerateOutput:
     """CDLM block decoding with the exact block KV cache.
 
     Args:
-        model_or_student: a Hugging Face Llama / Qwen2 / Qwen3 ``*ForCausalLM`` (wrapped without
-            copying weights) or a :class:`~cdlm_fast.student.BlockCausalStudent`.
+        model_or_student: a :class:`~cdlm_fast.student.BlockCausalStudent`, or anything
+            :func:`cdlm_fast.load_student` takes (a Llama / Qwen2 / Qwen3 ``*ForCausalLM``, a
+            ``peft.PeftModel``, a Dream / LLaDA model object, a checkpoint or adapter folder),
+            wrapped without copying weights.
         prompt_ids: ``[B, P]`` int64, left padded (``attention_mask`` marks real tokens). With
             ``prompt_cache`` these are tokens that follow the cached prompt (may be ``None``).
         max_new_tokens: generated length ``N`` (the last block may be shorter than ``block_size``).
-        block_size: block length (CDLM uses 32).
-        threshold: confidence threshold in ``[0, 1]`` (CDLM: 0.9); ``None`` = one token per step.
+        block_size: block length; default: the checkpoint's (``student.info.block_size``: its
+            generation_config, else 32 as in CDLM).
+        threshold: confidence threshold in ``[0, 1]``; ``None`` = one token per step; default:
+            the checkpoint's (``student.info.threshold``, else 0.9 as in CDLM).
         temperature: 0 for greedy (deterministic), else sampling temperature.
         mask_token_id, eos_token_id, logits_alignment: default to the student's settings
             (Dream for Qwen2/Qwen3, LLaDA for Llama, see
@@ -265,6 +323,8 @@ def generate(
         stop_at_eos: stop a sample once a finished block contains EOS.
         generator: RNG for ``temperature > 0``.
         confidence_dtype: dtype of the softmax confidence (float32 or float64).
+        confidence: ``"full_softmax"`` (default, the upstream rule) or ``"mask_renormalized"``
+            (see the module docs).
         logits_hook: called as ``hook(block_index, step, tokens [B, N], logits [B, n, V])`` before
             each step's update (``logits`` row j predicts token ``block_index * block_size + j``).
         progress: show a tqdm progress bar over blocks.
@@ -277,19 +337,18 @@ def generate(
         >>> out = generate(model, ids, 256, block_size=32, threshold=0.9)
         >>> out.tokens.shape, out.steps_per_block, out.tokens_per_step
     """
-    _check_common(max_new_tokens, block_size, threshold, temperature)
     student = as_student(model_or_student, mask_token_id=mask_token_id, eos_token_id=eos_token_id,
                          logits_alignment=logits_alignment, backend=backend)
+    block_size, threshold = _resolve_defaults(student, block_size, threshold)
+    _check_common(max_new_tokens, block_size, threshold, temperature)
     mask_id = student.mask_token_id if mask_token_id is None else int(mask_token_id)
     eos_id = student.eos_token_id if eos_token_id is None else int(eos_token_id)
-    _check_token_ids(mask_id, eos_id)
+    _check_token_ids(mask_id, eos_id, student.vocab_size)
     if logits_alignment is not None and logits_alignment != student.logits_alignment:
         raise ValueError(f"logits_alignment={logits_alignment!r} differs from the student's "
                          f"{student.logits_alignment!r}; set it on the student")
     if backend != "auto" and backend != student.backend:
-        student = BlockCausalStudent(student.model, mask_token_id=mask_id, eos_token_id=eos_id,
-                                     logits_alignment=student.logits_alignment, backend=backend,
-                                     attn_impl=student.attn_impl)
+        student = _rewrap(student, mask_token_id=mask_id, eos_token_id=eos_id, backend=backend)
     dev = student.device
     t0 = time.perf_counter()
     cache = student.prefill(prompt_ids, attention_mask, max_new_tokens=max_new_tokens, block_size=block_size,
@@ -316,7 +375,8 @@ def generate(
 
     _run_blocks(student, out, x, block_size, logits_fn, commit_fn, mask_token_id=mask_id, eos_token_id=eos_id,
                 threshold=threshold, temperature=temperature, generator=generator,
-                confidence_dtype=confidence_dtype, stop_at_eos=stop_at_eos, logits_hook=logits_hook,
+                confidence_dtype=confidence_dtype, confidence=confidence, stop_at_eos=stop_at_eos,
+                             logits_hook=logits_hook,
                 progress=progress)
     prompt = prompt_ids if prompt_ids is not None else x[:, :0]
     out.sequences = torch.cat([prompt, x], dim=1)
@@ -328,12 +388,10 @@ def _baseline_setup(model_or_student, prompt_ids, attention_mask, mask_token_id,
     student = as_student(model_or_student, mask_token_id=mask_token_id, eos_token_id=eos_token_id,
                          logits_alignment=logits_alignment, backend=backend)
     if backend != "auto" and backend != student.backend or (attn_impl is not None and attn_impl != student.attn_impl):
-        student = BlockCausalStudent(student.model, mask_token_id=student.mask_token_id,
-                                     eos_token_id=student.eos_token_id, logits_alignment=student.logits_alignment,
-                                     backend=backend, attn_impl=attn_impl or student.attn_impl)
+        student = _rewrap(student, backend=backend, attn_impl=attn_impl or student.attn_impl)
     mask_id = student.mask_token_id if mask_token_id is None else int(mask_token_id)
     eos_id = student.eos_token_id if eos_token_id is None else int(eos_token_id)
-    _check_token_ids(mask_id, eos_id)
+    _check_token_ids(mask_id, eos_id, student.vocab_size)
     if prompt_ids is None:
         raise ValueError("prompt_ids must be a [B, P] int64 tensor")
     student._check_ids("prompt_ids", prompt_ids)
@@ -371,8 +429,8 @@ def generate_block_causal_nocache(
     model_or_student,
     prompt_ids: torch.Tensor,
     max_new_tokens: int,
-    block_size: int = 32,
-    threshold: Optional[float] = 0.9,
+    block_size=FROM_MODEL,
+    threshold=FROM_MODEL,
     temperature: float = 0.0,
     mask_token_id: Optional[int] = None,
     eos_token_id: Optional[int] = None,
@@ -384,6 +442,7 @@ def generate_block_causal_nocache(
     stop_at_eos: bool = True,
     generator: Optional[torch.Generator] = None,
     confidence_dtype: torch.dtype = torch.float32,
+    confidence: str = "full_softmax",
     logits_hook: Optional[LogitsHook] = None,
     progress: bool = False,
 ) -> GenerateOutput:
@@ -394,12 +453,14 @@ def generate_block_causal_nocache(
     block-causal mask; the tokens equal :func:`generate`'s, since the block cache is exact.
     ``attn_impl="sdpa"`` uses SDPA with a materialised mask instead of :func:`cdlm_fast.attention`.
     """
-    _check_common(max_new_tokens, block_size, threshold, temperature)
     student, mask_id, eos_id, pmask = _baseline_setup(model_or_student, prompt_ids, attention_mask, mask_token_id,
                                                       eos_token_id, logits_alignment, backend, attn_impl)
+    block_size, threshold = _resolve_defaults(student, block_size, threshold)
+    _check_common(max_new_tokens, block_size, threshold, temperature)
     return _recompute_decode(student, prompt_ids, pmask, max_new_tokens, block_size, block_size, mask_id, eos_id,
                              threshold=threshold, temperature=temperature, generator=generator,
-                             confidence_dtype=confidence_dtype, stop_at_eos=stop_at_eos, logits_hook=logits_hook,
+                             confidence_dtype=confidence_dtype, confidence=confidence, stop_at_eos=stop_at_eos,
+                             logits_hook=logits_hook,
                              progress=progress)
 
 
@@ -421,6 +482,7 @@ def generate_vanilla(
     stop_at_eos: bool = True,
     generator: Optional[torch.Generator] = None,
     confidence_dtype: torch.dtype = torch.float32,
+    confidence: str = "full_softmax",
     logits_hook: Optional[LogitsHook] = None,
     progress: bool = False,
 ) -> GenerateOutput:
@@ -439,5 +501,6 @@ def generate_vanilla(
                                                       eos_token_id, logits_alignment, backend, attn_impl)
     return _recompute_decode(student, prompt_ids, pmask, max_new_tokens, block_size or max_new_tokens, None,
                              mask_id, eos_id, threshold=threshold, temperature=temperature, generator=generator,
-                             confidence_dtype=confidence_dtype, stop_at_eos=stop_at_eos, logits_hook=logits_hook,
+                             confidence_dtype=confidence_dtype, confidence=confidence, stop_at_eos=stop_at_eos,
+                             logits_hook=logits_hook,
                              progress=progress)

@@ -37,6 +37,8 @@ Logit alignment:
 """
 from __future__ import annotations
 
+import dataclasses
+import os
 import sys
 from dataclasses import dataclass
 from typing import Callable, Optional, Tuple
@@ -49,6 +51,7 @@ from .reference.attention import visible_mask
 
 __all__ = [
     "BlockCausalStudent",
+    "load_student",
     "BlockKVCache",
     "DREAM_MASK_TOKEN_ID",
     "DREAM_EOS_TOKEN_ID",
@@ -134,10 +137,13 @@ class BlockCausalStudent:
     """A block-causal diffusion student sharing the weights of a Hugging Face decoder.
 
     Args:
-        model: a ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` (or any
-            model with ``model.model.{embed_tokens, layers, norm, rotary_emb}`` and
-            ``model.lm_head`` laid out the same way). Weights are used in place.
-        mask_token_id: the ``[MASK]`` token; default from :func:`default_token_settings`.
+        model: a ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` (weights used
+            in place), a ``peft.PeftModel`` of one (LoRA layers kept, not merged), a Dream or
+            LLaDA model object (moved into the stock class, weights shared), or a checkpoint
+            folder (see :func:`load_student`, which also takes dtype / device / adapter options).
+        mask_token_id: the ``[MASK]`` token; default from the checkpoint's config /
+            generation_config, else :data:`cdlm_fast.checkpoints.FAMILY_DEFAULTS` (Dream for
+            Qwen2/Qwen3, LLaDA for Llama, see :func:`default_token_settings`).
         eos_token_id: end of text; same default rule.
         logits_alignment: ``"shifted"`` (Dream) or ``"unshifted"`` (LLaDA); same default rule.
         backend: attention backend for :func:`cdlm_fast.attention` (``"auto"``, ``"cuda"``,
@@ -145,6 +151,11 @@ class BlockCausalStudent:
         attn_impl: ``"cdlm"`` (the fused :func:`cdlm_fast.attention`) or ``"sdpa"``
             (``torch.nn.functional.scaled_dot_product_attention`` with a materialised float
             mask, built once per forward: the usual Hugging Face path, kept as a baseline).
+        info: a :class:`~cdlm_fast.checkpoints.CheckpointInfo` already detected for ``model``.
+
+    Attributes:
+        info: the detected :class:`~cdlm_fast.checkpoints.CheckpointInfo` (family, adapter, the
+            decoding defaults ``block_size`` / ``threshold`` and where each setting came from).
     """
 
     def __init__(
@@ -156,13 +167,25 @@ class BlockCausalStudent:
         logits_alignment: Optional[str] = None,
         backend: str = "auto",
         attn_impl: str = "cdlm",
+        info=None,
     ):
-        inner = getattr(model, "model", None)
+        from .checkpoints import _peft_base, as_stock_model, check_token_ids, load_stock_model
+
+        if isinstance(model, (str, os.PathLike)):
+            model, info = load_stock_model(model, mask_token_id=mask_token_id, eos_token_id=eos_token_id,
+                                           logits_alignment=logits_alignment)
+        elif info is None:
+            # a Dream / LLaDA model object or a PEFT model becomes a stock model (weights shared)
+            model, info = as_stock_model(model, mask_token_id=mask_token_id, eos_token_id=eos_token_id,
+                                         logits_alignment=logits_alignment)
+        hf = _peft_base(model)
+        hf = model if hf is None else hf  # a PeftModel keeps its LoRA layers inside the stock modules
+        inner = getattr(hf, "model", None)
         needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-        if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
+        if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(hf, "lm_head"):
             raise TypeError("model must be a Hugging Face *ForCausalLM with model.model.{embed_tokens, layers, "
-                            f"norm, rotary_emb}} and model.lm_head (Llama / Qwen2 / Qwen3), got {type(model).__name__}")
-        config = model.config
+                            f"norm, rotary_emb}} and model.lm_head (Llama / Qwen2 / Qwen3), got {type(hf).__name__}")
+        config = hf.config
         model_type = getattr(config, "model_type", "")
         if model_type not in _SUPPORTED_TYPES:
             raise TypeError(f"model.config.model_type must be one of {_SUPPORTED_TYPES}, got {model_type!r}")
@@ -171,21 +194,28 @@ class BlockCausalStudent:
             raise ValueError(f"sliding-window layers are not supported (config.layer_types = {layer_types})")
         if attn_impl not in _ATTN_IMPLS:
             raise ValueError(f"attn_impl must be one of {_ATTN_IMPLS}, got {attn_impl!r}")
-        d_mask, d_eos, d_align = default_token_settings(model_type)
-        self.mask_token_id = d_mask if mask_token_id is None else int(mask_token_id)
-        self.eos_token_id = d_eos if eos_token_id is None else int(eos_token_id)
-        self.logits_alignment = d_align if logits_alignment is None else logits_alignment
+        info = dataclasses.replace(info, sources=dict(info.sources))
+        self.info = info
+        self.mask_token_id = info.mask_token_id if mask_token_id is None else int(mask_token_id)
+        self.eos_token_id = info.eos_token_id if eos_token_id is None else int(eos_token_id)
+        self.logits_alignment = info.logits_alignment if logits_alignment is None else logits_alignment
         if self.logits_alignment not in _ALIGNMENTS:
             raise ValueError(f"logits_alignment must be one of {_ALIGNMENTS}, got {logits_alignment!r}")
+        info.mask_token_id, info.eos_token_id = self.mask_token_id, self.eos_token_id
+        info.logits_alignment = self.logits_alignment
+        info.vocab_size = hf.lm_head.out_features
+        if info.family in ("dream", "llada") or info.path is not None:
+            check_token_ids(info)  # a converted checkpoint: its ids must fit its vocabulary
         self.model = model
         self.config = config
         self.backend = backend
         self.attn_impl = attn_impl
+        self.hf_model = hf
         self.embed = inner.embed_tokens
         self.layers = list(inner.layers)
         self.norm = inner.norm
         self.rotary_emb = inner.rotary_emb
-        self.lm_head = model.lm_head
+        self.lm_head = hf.lm_head
         attn0 = self.layers[0].self_attn
         self.num_layers = len(self.layers)
         self.head_dim = attn0.head_dim
@@ -590,3 +620,54 @@ class BlockCausalStudent:
         if logits_positions is not None:
             hidden = hidden[:, logits_positions]
         return self._logits(hidden)
+
+
+def load_student(path_or_model, *, base=None, dtype=None, device=None, merge_adapter: bool = False,
+                 mask_token_id: Optional[int] = None, eos_token_id: Optional[int] = None,
+                 logits_alignment: Optional[str] = None, block_size: Optional[int] = None,
+                 threshold: Optional[float] = None, backend: str = "auto", attn_impl: str = "cdlm"
+                 ) -> BlockCausalStudent:
+    """A :class:`BlockCausalStudent` from any supported checkpoint or model object.
+
+    Args:
+        path_or_model: a checkpoint folder (``config.json`` + safetensors: Dream
+            ``model_type "Dream"``, LLaDA ``"llada"`` with either block type, or stock
+            ``"llama"`` / ``"qwen2"`` / ``"qwen3"``), a PEFT LoRA adapter folder (over ``base``),
+            a Dream / LLaDA / stock model object, a ``peft.PeftModel`` or a student (returned as is).
+            Folders load without ``trust_remote_code``: the weights go into the stock
+            transformers class (see :mod:`cdlm_fast.checkpoints`).
+        base: base model folder of an adapter folder (default: the adapter's
+            ``base_model_name_or_path`` when it is a local folder).
+        dtype, device: of the loaded weights (folders; a model object keeps its own device, and
+            its dtype unless converted). Default: the checkpoint's dtype, CPU.
+        merge_adapter: merge a LoRA into the weights (default: separate LoRA layers, the base
+            weights untouched).
+        mask_token_id, eos_token_id, logits_alignment, block_size, threshold: override the
+            checkpoint's settings (default: generation_config.json, config.json, then
+            :data:`cdlm_fast.checkpoints.FAMILY_DEFAULTS`).
+        backend, attn_impl: as for :class:`BlockCausalStudent`.
+
+    Returns:
+        the student; ``student.info`` says what was detected.
+
+    Raises:
+        ValueError: a folder that is no supported checkpoint (naming the missing / unexpected
+            weight keys), a ``[MASK]`` id outside the vocabulary or equal to EOS.
+    """
+    from .checkpoints import as_stock_model, load_stock_model
+
+    if isinstance(path_or_model, BlockCausalStudent):
+        return path_or_model
+    kw = dict(mask_token_id=mask_token_id, eos_token_id=eos_token_id, logits_alignment=logits_alignment,
+              block_size=block_size, threshold=threshold)
+    if isinstance(path_or_model, (str, os.PathLike)):
+        model, info = load_stock_model(path_or_model, base=base, dtype=dtype, device=device,
+                                       merge_adapter=merge_adapter, **kw)
+    else:
+        if base is not None:
+            raise ValueError("base= is for an adapter folder; a model object already holds its base")
+        model, info = as_stock_model(path_or_model, merge_adapter=merge_adapter, dtype=dtype, **kw)
+        if device is not None:
+            model = model.to(device)
+    return BlockCausalStudent(model, mask_token_id=mask_token_id, eos_token_id=eos_token_id,
+                              logits_alignment=logits_alignment, backend=backend, attn_impl=attn_impl, info=info)
