@@ -321,8 +321,8 @@ def _llada_stock_config(cfg: Mapping):
         tie_word_embeddings=bool(cfg.get("weight_tying", True)),
         eos_token_id=cfg.get("eos_token_id"), pad_token_id=cfg.get("pad_token_id"),
     )
-    return transformers.LlamaConfig(**kw, **_rope_kwargs(transformers.LlamaConfig, float(cfg.get("rope_theta",
-                                                                                                   10000.0))))
+    theta = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta") or 10000.0
+    return transformers.LlamaConfig(**kw, **_rope_kwargs(transformers.LlamaConfig, float(theta)))
 
 
 def _rope_kwargs(cfg_cls, theta: float) -> Dict[str, object]:
@@ -340,6 +340,9 @@ def _dream_stock_config(cfg: Mapping):
                                                          "transformers_version", "torch_dtype", "dtype")}
     if fields.get("use_sliding_window"):
         raise ValueError("Dream checkpoints with use_sliding_window=true are not supported")
+    if fields.get("rope_scaling") is None and "rope_theta" in fields:
+        fields.pop("rope_scaling", None)
+        fields.update(_rope_kwargs(transformers.Qwen2Config, float(fields.pop("rope_theta"))))
     return transformers.Qwen2Config(**fields)
 
 

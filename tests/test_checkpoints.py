@@ -95,6 +95,7 @@ def test_sharded_checkpoint_and_dtype_device(tmp_path):
     assert s16.dtype == torch.bfloat16 and s16.device.type == "cpu"
     s32 = load_student(folder, dtype="float32")
     assert s32.dtype == torch.float32
+    assert BlockCausalStudent(folder).info.family == "llada"  # the class takes a folder too
     with pytest.raises(TypeError, match="dtype"):
         load_student(folder, dtype="int8")
 
