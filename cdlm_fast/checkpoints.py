@@ -518,6 +518,22 @@ def check_weight_names(path, *, base=None) -> CheckpointInfo:
         if shape != tuple(expected[new].shape):
             raise ValueError(f"{model_path}: {old} has shape {shapes[old]}, {new} needs {tuple(expected[new].shape)} "
                              "(config.json and the weights disagree)")
+    if info.adapter:
+        lora_cfg, lora_state = _read_adapter(os.fspath(path), meta=True)
+        _, renamed = _rename_lora(info.family, cfg, lora_cfg, lora_state)
+        modules = dict(model.named_modules())
+        for key, t in renamed.items():
+            module = re.sub(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)(\..*)?$", "",
+                            key[len("base_model.model."):])
+            target = modules.get(module)
+            if target is None:
+                raise ValueError(f"{path}: the LoRA weight {key} targets {module!r}, which the "
+                                 f"{type(model).__name__} does not have")
+            w = getattr(target, "weight", None)
+            if w is not None and key.endswith("lora_A.weight") and t.shape[-1] != w.shape[1]:
+                raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, {module} takes {w.shape[1]} inputs")
+            if w is not None and key.endswith("lora_B.weight") and t.shape[0] != w.shape[0]:
+                raise ValueError(f"{path}: {key} has shape {tuple(t.shape)}, {module} has {w.shape[0]} outputs")
     check_token_ids(info)
     return info
 
@@ -645,12 +661,17 @@ def _apply_lora(model, lora_cfg: Dict, lora_state: Mapping[str, torch.Tensor], *
     return pm.merge_and_unload() if merge else pm
 
 
-def _read_adapter(path: str) -> Tuple[Dict, Dict[str, torch.Tensor]]:
+def _read_adapter(path: str, meta: bool = False) -> Tuple[Dict, Dict[str, torch.Tensor]]:
+    """(adapter_config.json, LoRA weights); ``meta``: shapes only (meta tensors, safetensors files)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     cfg = _read_json(os.path.join(path, "adapter_config.json"))
     st = os.path.join(path, "adapter_model.safetensors")
     bn = os.path.join(path, "adapter_model.bin")
+    if os.path.isfile(st) and meta:
+        with safe_open(st, framework="pt") as h:
+            return cfg, {k: torch.empty(h.get_slice(k).get_shape(), device="meta") for k in h.keys()}
     if os.path.isfile(st):
         return cfg, load_file(st)
     if os.path.isfile(bn):
