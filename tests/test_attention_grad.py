@@ -245,7 +245,7 @@ def test_triton_backward_matches_dense_reference(name, dtype, monkeypatch):
     dev_args = [None if t is None else t.to(DEVICE) for t in args]
     got = _grads(_api("triton", mask, DEVICE), *dev_args)
     ref = _grads(_ref(mask), *[None if t is None else t.double() for t in args])
-    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    tol = 2e-5 if dtype == torch.float32 else 3e-3
     for g, r, what in zip(got, ref, ("dq", "dk", "dv", "dbias")):
         if r is None:
             assert g is None
