@@ -102,3 +102,21 @@ def test_refine_bad_args(kw, match):
     start = compact_layer(keys, values, q, 4, "highest_attention")
     with pytest.raises(ValueError, match=match):
         refine(start, keys, values, q, **kw)
+
+
+def test_compact_model_cache_with_refinement():
+    """``refine_steps`` passes through ``compact_model_cache``; the held-out report does not get worse."""
+    pytest.importorskip("transformers")
+    from cdlm_fast.compaction import compact_model_cache
+    from tiny_models import tiny_model
+
+    model, _ = tiny_model("qwen2", twin=False)
+    ids = torch.randint(0, 200, (1, 120), generator=torch.Generator().manual_seed(0))
+    kw = dict(ratio=10, method="highest_attention", queries="context", holdout=32, progress=False)
+    _, am = compact_model_cache(model, ids, **kw)
+    _, ref = compact_model_cache(model, ids, refine_steps=100, refine_lr=1e-2, **kw)
+    assert "refine" in ref.stage_times
+    for metric in ("rel_error", "mass_error"):
+        e_am = sum(r[metric] for r in am.layers)
+        e_ref = sum(r[metric] for r in ref.layers)
+        assert e_ref < e_am, (metric, e_am, e_ref)
