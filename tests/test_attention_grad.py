@@ -234,6 +234,8 @@ def _triton_params():
         yield pytest.param(name, torch.float32, id=f"{name}-float32")
         if name in TRITON_FP16 or HAS_CUDA:
             yield pytest.param(name, torch.float16, id=f"{name}-float16")
+        if HAS_CUDA:  # the Triton interpreter has no bfloat16
+            yield pytest.param(name, torch.bfloat16, id=f"{name}-bfloat16")
 
 
 @needs_triton
@@ -245,7 +247,7 @@ def test_triton_backward_matches_dense_reference(name, dtype, monkeypatch):
     dev_args = [None if t is None else t.to(DEVICE) for t in args]
     got = _grads(_api("triton", mask, DEVICE), *dev_args)
     ref = _grads(_ref(mask), *[None if t is None else t.double() for t in args])
-    tol = 2e-5 if dtype == torch.float32 else 3e-3
+    tol = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}[dtype]
     for g, r, what in zip(got, ref, ("dq", "dk", "dv", "dbias")):
         if r is None:
             assert g is None
@@ -265,3 +267,18 @@ def test_triton_backward_is_selected_after_triton_forward(monkeypatch):
     (q, k, v, bias, dout, dlse), mask = _case("odd-causal-gqa2", torch.float32)
     _grads(_api("triton", mask, DEVICE), *(t.to(DEVICE) for t in (q, k, v, bias, dout, dlse)))
     assert calls == [1]
+
+
+@pytest.mark.skipif(not HAS_CUDA or backends.cuda_extension_error() is not None,
+                    reason="needs a CUDA device and the cdlm_fast._C extension")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_forward_with_torch_backward(dtype):
+    """The CUDA backend has no backward kernel: its forward is paired with the torch backward."""
+    args = _inputs(2, 8, 2, 40, 70, 64, dtype, "inf", seed=11)  # head dim 64: a CUDA kernel exists
+    mask = dict(prefix_len=torch.tensor([20, 9]), block_size=8, q_offset=30, kv_lens=torch.tensor([70, 61]))
+    got = _grads(_api("cuda", mask, DEVICE), *[None if t is None else t.to(DEVICE) for t in args])
+    ref = _grads(_ref(mask), *[None if t is None else t.double() for t in args])
+    tol = 3e-3 if dtype == torch.float16 else 3e-2
+    for g, r, what in zip(got, ref, ("dq", "dk", "dv", "dbias")):
+        err = _rel(g, r)
+        assert err <= tol, f"{what}: error {err:.3g} > {tol:.3g}"
