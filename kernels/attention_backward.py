@@ -1,5 +1,5 @@
 """Triton backward of :func:`cdlm_fast.attention` (registered as backend ``"triton"`` of the op
-``attention_backward``, see :mod:`cdlm_fast.ops.attention_grad` for the math).
+``attention_bwd``, see :mod:`cdlm_fast.ops.attention_grad` for the math).
 
 FlashAttention-2 style, two passes that recompute ``P = exp(s - lse)`` from ``q``, ``k``, ``bias``
 and the saved ``lse`` (nothing of size ``Lq x Lk`` is stored), with ``D = rowsum(dout * out) - dlse``
@@ -284,4 +284,4 @@ def attention_backward_triton(dout, dlse, q, k, v, bias, out, lse, prefix_len, k
     return dq, dk, dv, db
 
 
-op("attention_backward").register("triton", attention_backward_triton, supports=supports)
+op("attention_bwd").register("triton", attention_backward_triton, supports=supports)

@@ -22,7 +22,7 @@ from cdlm_fast.reference.attention import visible_mask
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
-BWD = backends.op("attention_backward")
+BWD = backends.op("attention_bwd")
 BWD._load()
 needs_triton = pytest.mark.skipif(backends.device_reason("triton", DEVICE) is not None or "triton" not in BWD.impls,
                                   reason=f"triton backward unavailable: {backends.device_reason('triton', DEVICE)}")

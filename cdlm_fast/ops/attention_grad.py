@@ -35,7 +35,7 @@ from ..reference.attention import key_limits
 __all__ = ["attention_train", "attention_backward_torch", "backward_backend", "CHUNK_ELEMENTS"]
 
 _FWD = op("attention")
-_BWD = op("attention_backward")
+_BWD = op("attention_bwd")
 
 # Score-matrix elements per key chunk of the torch backward (a few such [B, Hq, Lq, chunk]
 # tensors are alive at once): 2**24 float32 elements = 64 MiB each.
