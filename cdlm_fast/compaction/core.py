@@ -30,6 +30,7 @@ import torch
 from .. import _validate as V
 from ..ops.attention import attention
 from .fit import fit_beta, fit_values
+from .refine import refine
 from .select import highest_attention_scores, omp_select, top_keys, _gather_keys
 from .types import CompactedLayer
 
@@ -118,6 +119,8 @@ def compact_layer(
     omp_refit_every: Optional[int] = None,
     backend: str = "auto",
     timings: Optional[dict] = None,
+    refine_steps: int = 0,
+    refine_lr: float = 1e-2,
 ) -> CompactedLayer:
     """Compact one layer's KV cache by Attention Matching.
 
@@ -139,7 +142,10 @@ def compact_layer(
             ``"omp"``, 4/2 for ``"omp_fast"``).
         backend: backend of the attention calls.
         timings: optional dict; seconds per stage (``"reference"``, ``"select"``, ``"beta"``,
-            ``"values"``) are added to it (synchronising the device between stages).
+            ``"values"``, ``"refine"``) are added to it (synchronising the device between stages).
+        refine_steps, refine_lr: when ``refine_steps > 0``, polish the result with at most that
+            many Adam steps of learning rate ``refine_lr`` (:func:`cdlm_fast.compaction.refine.refine`,
+            early-stopped on held-out reference queries).
 
     Returns:
         :class:`CompactedLayer` with ``keys``/``values`` ``[B, Hkv, t, D]`` in the cache dtype and
@@ -212,10 +218,15 @@ def compact_layer(
     clock("beta")
     Cv = fit_values(Qp, C, beta, Yp, scale, ridge=ridge, query_weight=qwf, backend=backend)
     clock("values")
-    return CompactedLayer(
+    layer = CompactedLayer(
         keys=C.reshape(B, Hkv, t, D).to(keys.dtype),
         values=Cv.reshape(B, Hkv, t, -1).to(values.dtype),
         bias=beta.reshape(B, Hkv, t).float().contiguous(),
         logical_length=T if logical_length is None else int(logical_length),
         counts=valid.reshape(B, Hkv, t).sum(-1),
     )
+    if refine_steps:
+        layer = refine(layer, keys, values, queries, steps=refine_steps, lr=refine_lr, scale=scale,
+                       key_mask=key_mask, query_mask=query_mask, backend=backend)
+        clock("refine")
+    return layer

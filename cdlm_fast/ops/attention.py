@@ -25,6 +25,7 @@ import torch
 from .. import _validate as V
 from ..backends import op
 from ..reference.attention import attention_reference
+from .attention_grad import attention_train
 
 __all__ = ["attention"]
 
@@ -111,6 +112,9 @@ def attention(
         ``out`` ``[B, Hq, Lq, D]`` in q's dtype, or ``(out, lse)``. A query that sees no key gets
         zeros and ``lse = -inf``.
 
+    Differentiable in ``q``, ``k``, ``v`` and ``bias`` (through ``out`` and ``lse``) when grad mode
+    is on and one of them requires grad: see :mod:`cdlm_fast.ops.attention_grad`.
+
     Example::
 
         >>> q = torch.randn(1, 4, 8, 64); k = v = torch.randn(1, 2, 40, 64)
@@ -120,5 +124,9 @@ def attention(
     if scale is None:
         scale = q.shape[-1] ** -0.5
     name = _OP.select(backend, q.device, q=q, k=k, v=v, bias=bias)
-    out, lse = _OP.impls[name](q, k, v, bias, prefix_t, kv_t, int(q_offset), int(block_size or 0), float(scale))
+    args = (q, k, v, bias, prefix_t, kv_t, int(q_offset), int(block_size or 0), float(scale))
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias)):
+        out, lse = attention_train(name, *args)  # differentiable: backward in ops/attention_grad.py
+    else:
+        out, lse = _OP.impls[name](*args)
     return (out, lse) if return_lse else out
