@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from cdlm_fast.compaction import CompactedCache, CompactedLayer, compact_layer, resolve_counts
-from cdlm_fast.compaction.quality import attention_match_metrics, keep_highest_attention, keep_recent
-from cdlm_fast.reference.attention import attention_reference
+pytest.importorskip("transformers")  # cdlm_fast.compaction imports it: a missing one skips this file
+from cdlm_fast.compaction import CompactedCache, CompactedLayer, compact_layer, resolve_counts  # noqa: E402
+from cdlm_fast.compaction.quality import attention_match_metrics, keep_highest_attention, keep_recent  # noqa: E402
+from cdlm_fast.reference.attention import attention_reference  # noqa: E402
 
 
 def _structured(B=1, Hkv=2, G=2, T=97, D=16, n=70, seed=0):
