@@ -30,8 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SM90_SMEM_LIMIT = 227 * 1024
 # spills accepted with a reason (bytes): float32 tf32x3 scores keep the loop-invariant key slices
-# in registers; 96 B measured for the tiles chosen (kernels/gram.py, _blocks)
-ALLOWED_SPILL = {"exp_gram G float32 hd128": 128}
+# in registers; 68 B (Triton 3.6) / 12 B (3.8) measured for the tiles chosen (kernels/gram.py, _blocks)
+ALLOWED_SPILL = {"exp_gram G float32 hd": 128}
 
 
 def allowed_spill(name: str) -> int:

@@ -163,18 +163,19 @@ def _blocks(t: int, n: int, D: int, e: int, fp32: bool, interpreted: bool = None
     dim with the former 64 x 64 tiles, 4 warps and 3 stages it needed 262 KB of shared memory
     (H100/H200 allow 227 KiB) and spilled 2 KB of registers. Measured for sm_90 by
     ``bench/sm90_resources.py`` (``tests/test_sm90_resources.py`` asserts the limits): float32
-    hd128 now 76 KB and a spill of 96 bytes (not zero: every float32 tile shape tried spills a
-    little with ``tf32x3`` scores, as the compiler keeps the loop-invariant key slices in
-    registers; 16 x 16 tiles spill 12 bytes but re-read the queries twice as often); float32
-    above head dim 128 spilled > 2 KB with any tiles and is refused in ``_supports`` (``auto``
-    falls back); 16-bit inputs do not spill.
+    hd128 on 16 x 16 tiles now 41 KB and a spill of 68 bytes with Triton 3.6 (12 with 3.8; hd64
+    on 32 x 32 tiles spilled 64 bytes with 3.6); not
+    zero: every float32 tile shape tried spills a little with ``tf32x3`` scores, as the compiler
+    keeps the loop-invariant key slices in registers, and 32 x 32 tiles spilled 888 bytes with
+    Triton 3.6 (96 with 3.8). Float32 above head dim 128 spilled > 2 KB with any tiles and is
+    refused in ``_supports`` (``auto`` falls back); 16-bit inputs do not spill.
     """
     bd = max(16, triton.next_power_of_2(D))
     if triton_interpreted() if interpreted is None else interpreted:
         return 16, 16, bd, (bd if not fp32 or bd <= 16 else 16), 16, 4, 1
     be = min(64, max(16, triton.next_power_of_2(e)))
     if fp32:
-        return 32, 16, bd, min(bd, 16), min(be, 32), 4, 2
+        return 16, 16, bd, min(bd, 16), min(be, 32), 4, 2
     if bd > 128:
         return 32, 32, bd, bd, min(be, 32), 4, 2
     return 64 if t > 32 else 32, 32, bd, bd, be, 4, 2

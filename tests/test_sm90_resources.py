@@ -16,6 +16,7 @@ triton = pytest.importorskip("triton")
 CHECKED = [
     "exp_gram G float32 hd128",  # was 262 KB of shared memory and a 2 KB spill (64 x 64, 4 warps, 3 stages)
     "exp_gram R float32 hd128",
+    "exp_gram G float32 hd64",
     "exp_gram G bfloat16 hd128",
     "decode bf16 hd128 rows4 ",  # Lq = 1 with GQA 4 (128 registers, no spill)
     "decode bf16 hd256 rows128 ",  # spilled 120 B on 4 warps
