@@ -88,8 +88,10 @@ PY
 }
 export -f preflight
 # Run from the source tree, not an install: `cdlm_fast.kernels` is the top-level kernels/ (setup.py
-# maps it for installs), so link it where the import looks for it when it is missing.
-[ -e cdlm_fast/kernels ] || ln -s ../kernels cdlm_fast/kernels
+# maps it for installs), so where it does not import, link it where the import looks for it.
+if ! "$PY" -c "import cdlm_fast.kernels" 2>/dev/null && [ ! -e cdlm_fast/kernels ]; then
+  ln -s ../kernels cdlm_fast/kernels && echo "linked cdlm_fast/kernels -> ../kernels"
+fi
 stage preflight 60 300 preflight
 
 # ------------------------------------------------------------------ 2. build (sm_90a only)
