@@ -307,9 +307,15 @@ def cmd_bench(args) -> int:
 
     suites = br.SUITES if args.suite == "all" else (args.suite,)
     out_dir = pathlib.Path(args.out) if args.out else br.bench_dir() / "results"
-    report = {}
+    report, failed = {}, []
     for suite in suites:
-        path = br.run_suite(suite, quick=args.quick, out_dir=out_dir, quiet=args.quiet or args.json)
+        try:  # a failing suite is reported, and the next one still runs
+            path = br.run_suite(suite, quick=args.quick, out_dir=out_dir, quiet=args.quiet or args.json)
+        except (RuntimeError, FileNotFoundError) as e:
+            failed.append(suite)
+            report[suite] = {"error": str(e)}
+            print(f"cdlm-fast bench: {e}", file=sys.stderr)
+            continue
         loaded = br.load_rows(path)
         rows = br.summarise(loaded["rows"], loaded["meta"].get("peaks"))
         device = loaded["meta"].get("device", "?")
@@ -330,7 +336,7 @@ def cmd_bench(args) -> int:
                   + (f"\n   quality: {qpng}" if qpng else ""))
     if args.json:
         print(json.dumps(report, indent=2, default=str))
-    return EXIT_OK
+    return EXIT_FAIL if failed else EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,7 +21,7 @@ from .attention_common import (LN2, LOG2E_F, autotune_enabled, big_shared_memory
                                sm_count)
 from .attention_prefill import attend_tiles, key_limit
 
-__all__ = ["decode", "decode_configs", "decode_plan"]
+__all__ = ["decode", "decode_configs", "decode_plan", "candidate_configs"]
 
 # a split's key chunk is a multiple of this (>= every BLOCK_N of the configs) so that key tiles
 # never straddle two splits
@@ -47,22 +47,35 @@ AUTOTUNE_MIN_KEYS = 4096      # Lk bucket below which the default config is used
 
 
 def default_config(head_dim: int, block_m: int, big_smem: bool = True):
+    """The config used without autotuning; compiled for sm_90 by ``bench/sm90_resources.py``
+    (launch-time specialisation of a contiguous cache): no register spills. Head dim 256 needs 8
+    warps from 32 rows on (4 warps spilled 8 B at 32 rows and 120 B at 64)."""
     if head_dim > 128:
-        return _cfg(32, 4, 2)
+        return _cfg(32, 8 if block_m >= 32 else 4, 2)
     if block_m >= 128 and head_dim > 64:
         return _cfg(64, 8, 3) if big_smem else _cfg(32, 8, 3)  # 132 KB / ~82 KB
     return _cfg(64, 4, 3)  # <= 78 KB
 
 
-def _prune(configs, named_args, **kwargs):
+def candidate_configs(head_dim: int, block_m: int, is_fp32: bool, lk_key: int, big_smem: bool = True):
+    """The configs the autotuner may try for one launch; a single one is launched directly.
+
+    One config (the default) below ``AUTOTUNE_MIN_KEYS``, with autotuning off, in float32 and in
+    the interpreter: no benchmarking, so no stall when ``Lk`` crosses a bucket and no
+    ``do_bench`` under CUDA-graph capture (Triton 3.6 benchmarks even a single pruned config).
+    """
     if is_interpreted():
-        return configs
-    if kwargs.get("IS_FP32"):
+        return decode_configs()
+    if is_fp32:
         return [FP32_CONFIG]
-    head_dim, block_m = kwargs["HEAD_DIM"], kwargs["BLOCK_M"]
-    if not autotune_enabled() or named_args["LK_KEY"] < AUTOTUNE_MIN_KEYS:
-        return [default_config(head_dim, block_m, big_shared_memory(named_args["Q"]))]
-    return [c for c in configs if head_dim <= 64 or block_m < 128 or c.num_warps >= 8]
+    if not autotune_enabled() or lk_key < AUTOTUNE_MIN_KEYS:
+        return [default_config(head_dim, block_m, big_smem)]
+    return [c for c in decode_configs() if head_dim <= 64 or block_m < 128 or c.num_warps >= 8]
+
+
+def _prune(configs, named_args, **kwargs):
+    return candidate_configs(kwargs["HEAD_DIM"], kwargs["BLOCK_M"], kwargs.get("IS_FP32", False),
+                             named_args["LK_KEY"], big_shared_memory(named_args["Q"]))
 
 
 def decode_block_m(rows: int, head_dim: int, fp32: bool = False) -> int:
@@ -75,15 +88,21 @@ def decode_plan(B: int, Hkv: int, rows: int, Lk: int, head_dim: int, device: tor
                 num_splits: int = 0, fp32: bool = False):
     """``(BLOCK_M, m_tiles, num_splits, chunk)`` for a decode launch, from the shapes only.
 
-    ``num_splits = 0`` picks enough splits for about two CTAs per multiprocessor (each split
-    covering at least ``MIN_KEYS_PER_SPLIT`` keys); a positive value is taken as given (tests).
+    ``num_splits = 0`` picks enough splits for about two CTAs per multiprocessor, each split
+    covering at least ``MIN_KEYS_PER_SPLIT`` keys and at most ``Lk / (8 * rows)`` splits (so the
+    float32 partials cost at most a quarter of the 16-bit K/V traffic); a positive value is taken
+    as given (tests).
     """
     block_m = decode_block_m(rows, head_dim, fp32)
     m_tiles = triton.cdiv(rows, block_m)
     base = B * Hkv * m_tiles
     if num_splits <= 0:
         sms = 4 if (is_interpreted() or device.type != "cuda") else sm_count(device.index or 0)
-        num_splits = min(triton.cdiv(2 * sms, base), triton.cdiv(max(Lk, 1), MIN_KEYS_PER_SPLIT), MAX_SPLITS)
+        # the fp32 partials (S x rows x D, written and read back by the combine) stay <= 1/4 of the
+        # K/V bytes at 16 bits: S <= Lk / (8 * rows per KV head), the rule of the CUDA path
+        traffic_cap = max(1, Lk // (8 * max(rows, 1)))
+        num_splits = min(triton.cdiv(2 * sms, base), triton.cdiv(max(Lk, 1), MIN_KEYS_PER_SPLIT), traffic_cap,
+                         MAX_SPLITS)
     num_splits = max(1, min(num_splits, triton.cdiv(max(Lk, 1), CHUNK_ALIGN)))
     chunk = triton.cdiv(triton.cdiv(max(Lk, 1), num_splits), CHUNK_ALIGN) * CHUNK_ALIGN
     num_splits = triton.cdiv(max(Lk, 1), chunk)  # no trailing empty split
@@ -91,7 +110,7 @@ def decode_plan(B: int, Hkv: int, rows: int, Lk: int, head_dim: int, device: tor
 
 
 @triton.autotune(configs=decode_configs(), key=["LK_KEY", "HEAD_DIM", "BLOCK_M", "DIRECT", "HAS_BIAS", "IS_FP32"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit(do_not_specialize=["Hkv", "G", "Lq", "Lk", "q_offset", "block_size", "chunk", "num_splits", "LK_KEY"])
 def _decode_kernel(
     Q, K, V, Bias, Prefix, KvLens, Out, Lse, OPart, LPart,
@@ -223,13 +242,19 @@ def decode(q, k, v, bias, prefix_len, kv_lens, q_offset, block_size, scale, out,
     bias_t = bias if bias is not None else q
     sb = bias.stride() if bias is not None else (0, 0, 0)
     kvl = kv_lens if kv_lens is not None else prefix_len
-    _decode_kernel[(m_tiles, splits, B * Hkv)](
+    is_fp32 = q.dtype == torch.float32
+    configs = candidate_configs(D, block_m, is_fp32, bucket(Lk), big_shared_memory(q))
+    kernel, tuning = _decode_kernel, {}
+    if len(configs) == 1:  # launch the JIT kernel directly: never a benchmark
+        kernel = _decode_kernel.fn
+        tuning = dict(configs[0].kwargs, num_warps=configs[0].num_warps, num_stages=configs[0].num_stages)
+    kernel[(m_tiles, splits, B * Hkv)](
         q, k, v, bias_t, prefix_len, kvl, out, lse, opart, lpart,
         *q.stride(), *k.stride(), *v.stride(), *sb, *out.stride(), *lse.stride(),
         Hkv, G, Lq, Lk, q_offset, max(block_size, 1), scale * LOG2E_F, chunk, splits,
         bucket(Lk),
         HEAD_DIM=D, BLOCK_D=block_d, HAS_BIAS=bias is not None, HAS_KVLENS=kv_lens is not None,
-        HAS_BLOCK=block_size > 0, IS_FP32=q.dtype == torch.float32, DIRECT=direct, BLOCK_M=block_m,
+        HAS_BLOCK=block_size > 0, IS_FP32=is_fp32, DIRECT=direct, BLOCK_M=block_m, **tuning,
     )
     if not direct:
         _combine_kernel[(B * Hq * Lq,)](

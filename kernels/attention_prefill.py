@@ -22,7 +22,7 @@ import triton.language as tl
 
 from .attention_common import LN2, LOG2E, LOG2E_F, autotune_enabled, big_shared_memory, bucket, is_interpreted
 
-__all__ = ["prefill", "prefill_configs"]
+__all__ = ["prefill", "prefill_configs", "candidate_configs"]
 
 
 def _cfg(block_m, block_n, warps, stages):
@@ -52,18 +52,24 @@ def default_config(head_dim: int, big_smem: bool = True):
         return _cfg(128, 64, 8, 3)  # 66 KB
     if head_dim <= 128:
         return _cfg(128, 64, 8, 3) if big_smem else _cfg(64, 32, 4, 3)  # 132 KB / ~66 KB
-    return _cfg(64, 32, 4, 2) if big_smem else _cfg(32, 32, 4, 2)
+    return _cfg(64, 32, 8, 2) if big_smem else _cfg(32, 32, 4, 2)  # 64 rows on 4 warps spilled 32 B
+
+
+def candidate_configs(head_dim: int, is_fp32: bool, lq_key: int, lk_key: int, big_smem: bool = True):
+    """The configs the autotuner may try for one launch; a single one is launched directly
+    (no benchmark: see :func:`cdlm_fast.kernels.attention_decode.candidate_configs`)."""
+    if is_interpreted():
+        return prefill_configs()
+    if is_fp32:
+        return [FP32_CONFIG]
+    if not autotune_enabled() or lq_key * lk_key < AUTOTUNE_MIN_AREA:
+        return [default_config(head_dim, big_smem)]
+    return [c for c in prefill_configs() if head_dim <= 64 or c.kwargs["BLOCK_M"] < 128 or c.num_warps >= 8]
 
 
 def _prune(configs, named_args, **kwargs):
-    if is_interpreted():
-        return configs
-    if kwargs.get("IS_FP32"):
-        return [FP32_CONFIG]
-    head_dim = kwargs["HEAD_DIM"]
-    if not autotune_enabled() or named_args["LQ_KEY"] * named_args["LK_KEY"] < AUTOTUNE_MIN_AREA:
-        return [default_config(head_dim, big_shared_memory(named_args["Q"]))]
-    return [c for c in configs if head_dim <= 64 or c.kwargs["BLOCK_M"] < 128 or c.num_warps >= 8]
+    return candidate_configs(kwargs["HEAD_DIM"], kwargs.get("IS_FP32", False), named_args["LQ_KEY"],
+                             named_args["LK_KEY"], big_shared_memory(named_args["Q"]))
 
 
 @triton.jit
@@ -140,7 +146,7 @@ def attend_tiles(acc, l_i, m_i, q, k_base, v_base, b_base, skn, skd, svn, svd, s
 
 
 @triton.autotune(configs=prefill_configs(), key=["LQ_KEY", "LK_KEY", "HEAD_DIM", "HAS_BIAS", "HAS_BLOCK", "IS_FP32"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune}, cache_results=True)
 @triton.jit(do_not_specialize=["Hq", "G", "Lq", "Lk", "q_offset", "block_size", "LQ_KEY", "LK_KEY"])
 def _prefill_kernel(
     Q, K, V, Bias, Prefix, KvLens, Out, Lse,
@@ -221,11 +227,17 @@ def prefill(q, k, v, bias, prefix_len, kv_lens, q_offset, block_size, scale, out
     def grid(meta):
         return (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
 
-    _prefill_kernel[grid](
+    is_fp32 = q.dtype == torch.float32
+    configs = candidate_configs(D, is_fp32, bucket(Lq), bucket(Lk), big_shared_memory(q))
+    kernel, tuning = _prefill_kernel, {}
+    if len(configs) == 1:  # launch the JIT kernel directly: never a benchmark
+        kernel = _prefill_kernel.fn
+        tuning = dict(configs[0].kwargs, num_warps=configs[0].num_warps, num_stages=configs[0].num_stages)
+    kernel[grid](
         q, k, v, bias_t, prefix_len, kvl, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *sb, *out.stride(), *lse.stride(),
         Hq, Hq // Hkv, Lq, Lk, q_offset, max(block_size, 1), scale * LOG2E_F,
         bucket(Lq), bucket(Lk),
         HEAD_DIM=D, BLOCK_D=block_d, HAS_BIAS=bias is not None, HAS_KVLENS=kv_lens is not None,
-        HAS_BLOCK=block_size > 0, IS_FP32=q.dtype == torch.float32,
+        HAS_BLOCK=block_size > 0, IS_FP32=is_fp32, **tuning,
     )

@@ -243,11 +243,17 @@ def test_conformance(impl, case, dtype):
     assert_matches(out, lse, ref_out, ref_lse, q.to(DEVICE), tolerance(dtype, same_err))
 
 
+def _edge_dtype(impl):
+    """Float32 for the edge cases below, float16 where the backend has no float32 path (CUDA)."""
+    return torch.float16 if _backend_of(impl) == "cuda" else torch.float32
+
+
 def test_custom_scale_and_no_lse(impl):
-    q, k, v, bias = make_inputs(1, 4, 2, 9, 30, 64, torch.float32, bias="randn", seed=3)
+    q, k, v, bias = make_inputs(1, 4, 2, 9, 30, 64, _edge_dtype(impl), bias="randn", seed=3)
+    skip_unsupported(impl, q, k, v, bias)
     ref_out, ref_lse = reference64(q, k, v, bias, 21, 3, 21, None, scale=0.3)
     out, lse = run_impl(impl, q, k, v, bias, 21, 3, 21, None, scale=0.3)
-    assert_matches(out, lse, ref_out, ref_lse, q.to(DEVICE), 1e-5)
+    assert_matches(out, lse, ref_out, ref_lse, q.to(DEVICE), tolerance(q.dtype, 0.0))
     if impl != "triton-splitk":
         only = cdlm_fast.attention(*(to_device(t) for t in (q, k, v)), bias=to_device(bias), prefix_len=21,
                                    block_size=3, q_offset=21, scale=0.3, backend=_backend_of(impl))
@@ -256,18 +262,31 @@ def test_custom_scale_and_no_lse(impl):
 
 def test_no_keys_at_all(impl):
     """Lk = 0: every row sees nothing (zeros, lse -inf), no kernel reads anything."""
-    q, k, v, _ = make_inputs(2, 4, 2, 6, 0, 64, torch.float32)
+    q, k, v, _ = make_inputs(2, 4, 2, 6, 0, 64, _edge_dtype(impl))
+    skip_unsupported(impl, q, k, v, None)
     ref_out, ref_lse = reference64(q, k, v, None, 0, 2, 0, None)
     out, lse = run_impl(impl, q, k, v, None, 0, 2, 0, None)
-    assert_matches(out, lse, ref_out, ref_lse, q.to(DEVICE), 1e-5)
+    assert_matches(out, lse, ref_out, ref_lse, q.to(DEVICE), tolerance(q.dtype, 0.0))
 
 
 def test_all_keys_masked_by_bias(impl):
-    q, k, v, _ = make_inputs(1, 2, 1, 5, 40, 64, torch.float32)
+    q, k, v, _ = make_inputs(1, 2, 1, 5, 40, 64, _edge_dtype(impl))
     bias = torch.full((1, 1, 40), -math.inf)
+    skip_unsupported(impl, q, k, v, bias)
     ref_out, ref_lse = reference64(q, k, v, bias, 0, None, 0, None)
     out, lse = run_impl(impl, q, k, v, bias, 0, None, 0, None)
-    assert_matches(out, lse, ref_out, ref_lse, q.to(DEVICE), 1e-5)
+    assert_matches(out, lse, ref_out, ref_lse, q.to(DEVICE), tolerance(q.dtype, 0.0))
+
+
+def test_edge_cases_use_a_dtype_every_backend_supports():
+    """The edge cases above must run (not raise) on every backend: on the CUDA backend, whose
+    kernels have no float32 path, they run in float16."""
+    from cdlm_fast._cuda_ops import attention_supports
+    assert "float32" in attention_supports(q=torch.zeros(1, 1, 1, 64))
+    for impl in IMPLS:
+        q = torch.zeros(1, 1, 1, 64, dtype=_edge_dtype(impl))
+        assert attention_supports(q=q) is None or _backend_of(impl) != "cuda"
+    assert _edge_dtype("cuda") == torch.float16 and _edge_dtype("triton-decode") == torch.float32
 
 
 def test_checker_rejects_nan():
@@ -330,6 +349,47 @@ def test_triton_decode_plan():
         block_m, m_tiles, splits, chunk = decode_plan(B, hkv, rows, lk, 128, DEVICE)
         assert m_tiles * block_m >= rows and splits >= 1 and chunk % CHUNK_ALIGN == 0
         assert (splits - 1) * chunk < lk <= splits * chunk
+
+
+@needs_triton
+def test_triton_decode_plan_caps_partial_traffic(monkeypatch):
+    """The float32 partials of split-K (written and read back: 8 bytes per row x D per split) stay
+    at most a quarter of the 16-bit K/V bytes, at batch 1 too (where most splits are wanted);
+    planned as on an H100/H200 (132 multiprocessors)."""
+    from cdlm_fast.kernels import attention_decode
+    from cdlm_fast.kernels.attention_decode import decode_plan
+    monkeypatch.setattr(attention_decode, "is_interpreted", lambda: False)
+    monkeypatch.setattr(attention_decode, "sm_count", lambda index: 132)
+    for B, hkv, rows, lk in [(1, 8, 128, 8192), (1, 8, 128, 32768), (1, 8, 4, 8192), (8, 8, 128, 32768),
+                             (1, 4, 224, 4096)]:
+        _, _, splits, _ = decode_plan(B, hkv, rows, lk, 128, torch.device("cuda"))
+        partial_bytes = splits * rows * 128 * 4 * 2
+        kv_bytes = 2 * lk * 128 * 2
+        assert partial_bytes <= kv_bytes / 4, (B, hkv, rows, lk, splits)
+    # few rows: splitting stays allowed (the partials are small)
+    assert decode_plan(1, 8, 4, 65536, 128, torch.device("cuda"))[2] > 1
+
+
+@needs_triton
+@pytest.mark.parametrize("path", ["prefill", "decode"])
+def test_single_config_launches_without_the_autotuner(path, monkeypatch):
+    """When pruning leaves one config, the kernel is launched directly: the autotuner (which in
+    Triton 3.6 benchmarks even a single config, and cannot run under CUDA-graph capture) is never
+    entered."""
+    import importlib
+    mod = importlib.import_module(f"cdlm_fast.kernels.attention_{path}")
+    kernel = getattr(mod, f"_{path}_kernel")
+    assert len(mod.candidate_configs(128, False, 16, 1024) if path == "prefill"
+               else mod.candidate_configs(128, 16, False, 1024)) == 1
+
+    def no_autotune(*args, **kwargs):
+        raise AssertionError("the autotuner ran for a single config")
+    monkeypatch.setattr(kernel, "run", no_autotune)
+    q, k, v, bias = (to_device(t) for t in make_inputs(1, 4, 2, 8, 40, 32, torch.float32, bias="randn", seed=5))
+    prefix = torch.tensor([32], dtype=torch.int32, device=DEVICE)
+    out, lse = _triton_module().attention_triton(q, k, v, bias, prefix, None, 32, 4, 0.2, path=path)
+    ref_out, ref_lse = reference64(q.cpu(), k.cpu(), v.cpu(), bias.cpu(), 32, 4, 32, None, scale=0.2)
+    assert_matches(out, lse, ref_out, ref_lse, q, 1e-5)
 
 
 @needs_triton

@@ -88,3 +88,23 @@ def test_demo_json_on_smollm2():
     dec = data["block_decoding"]
     assert dec["same_tokens_as_nocache"] is True and dec["steps"] >= 1
     assert {row["impl"] for row in data["attention"]} >= {"cdlm_fast.attention", "sdpa + float mask"}
+
+
+def test_bench_failing_suite_does_not_stop_the_next(monkeypatch, tmp_path, capsys):
+    """One failing benchmark suite is reported; the suites after it still run; exit status 1."""
+    from cdlm_fast import bench_report, cli
+
+    ran = []
+
+    def fake_run_suite(suite, *, quick, out_dir, quiet=False, extra_args=None):
+        ran.append(suite)
+        if suite == bench_report.SUITES[0]:
+            raise RuntimeError(f"benchmark suite {suite!r} failed (pytest exit 1)")
+        path = tmp_path / f"{suite}.json"
+        path.write_text(json.dumps({"benchmarks": [], "cdlm_fast": {"device": "cpu"}}))
+        return path
+
+    monkeypatch.setattr(bench_report, "run_suite", fake_run_suite)
+    assert cli.main(["bench", "all", "--quiet", "--out", str(tmp_path)]) == 1
+    assert ran == list(bench_report.SUITES)
+    assert "failed" in capsys.readouterr().err

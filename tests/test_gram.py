@@ -174,3 +174,26 @@ def test_cuda_backend_rejects_cpu_tensors():
     Q, C, b, shift, scale, Y = _problem(1, 5, 3, 4, torch.float32, "cpu")
     with pytest.raises(ValueError, match="cuda"):
         exp_gram(Q, C, b, shift, scale, backend="cuda")
+
+
+def test_auto_order_on_gpu_is_documented_and_can_be_flipped(monkeypatch):
+    """``auto`` on a GPU follows EXP_GRAM_GPU_ORDER (Triton's tensor cores first); the first GPU
+    run's measurement can flip it with CDLM_FAST_EXP_GRAM_ORDER; a bad value is a clear error."""
+    from cdlm_fast.ops import gram
+    monkeypatch.delenv("CDLM_FAST_EXP_GRAM_ORDER", raising=False)
+    assert gram.gpu_order() == gram.EXP_GRAM_GPU_ORDER == ("triton", "cuda", "torch")
+    monkeypatch.setenv("CDLM_FAST_EXP_GRAM_ORDER", "cuda, triton")
+    assert gram.gpu_order() == ("cuda", "triton", "torch")
+    monkeypatch.setenv("CDLM_FAST_EXP_GRAM_ORDER", "cuda,tpu")
+    with pytest.raises(ValueError, match="CDLM_FAST_EXP_GRAM_ORDER"):
+        gram.gpu_order()
+
+
+def test_triton_refuses_float32_above_head_dim_128():
+    """float32 at head dim > 128 spills registers on sm_90 (tf32x3 scores): refused with the reason,
+    so that ``auto`` falls back; 16-bit inputs at head dim 256 and float32 at 128 are accepted."""
+    from cdlm_fast.kernels.gram import _supports
+    why = _supports(Q=torch.empty(1, 1, 256, dtype=torch.float32))
+    assert why is not None and "float32" in why and "256" in why
+    assert _supports(Q=torch.empty(1, 1, 128, dtype=torch.float32)) is None
+    assert _supports(Q=torch.empty(1, 1, 256, dtype=torch.float16)) is None

@@ -15,23 +15,45 @@ single kernel behind both Attention Matching fits:
   original attention outputs ``Y``; then ``lstsq_gram(G, R)`` gives the compacted values.
 
 Backends: ``"torch"`` (dense, chunked over ``n``; any device and float64), ``"triton"``
-(:mod:`cdlm_fast.kernels.gram`), ``"cuda"`` (CUDA C++ extension, when built).
+(:mod:`cdlm_fast.kernels.gram`), ``"cuda"`` (CUDA C++ extension, when built). ``"auto"`` on a GPU
+follows ``EXP_GRAM_GPU_ORDER`` (Triton first), not the global CUDA-first order.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
 
 from .. import _validate as V
-from ..backends import op
+from ..backends import BACKENDS, op
 from ..reference.gram import exp_matrix_reference
 
 __all__ = ["exp_gram"]
 
 _OP = op("exp_gram")
 _LOW = (torch.float16, torch.bfloat16, torch.float32)
+
+# ``backend="auto"`` on a GPU: the first backend in this order whose ``supports`` check accepts the
+# inputs. Triton first: its kernel runs both products on tensor cores (tf32x3 for float32, about
+# float32 accuracy; native float16/bfloat16), while the CUDA kernel does scalar float32 FMAs from
+# shared memory. Unmeasured on a GPU so far: the first GPU run times both (``bench/gpu_run.sh``,
+# case ``fit/...``, op ``exp_gram``) and this order follows the faster one. The environment
+# variable ``CDLM_FAST_EXP_GRAM_ORDER`` (e.g. ``cuda,triton``) overrides it at run time.
+EXP_GRAM_GPU_ORDER = ("triton", "cuda", "torch")
+
+
+def gpu_order() -> Tuple[str, ...]:
+    """The ``auto`` order of the ``exp_gram`` backends on a GPU (see ``EXP_GRAM_GPU_ORDER``)."""
+    env = os.environ.get("CDLM_FAST_EXP_GRAM_ORDER", "").strip()
+    if not env:
+        return EXP_GRAM_GPU_ORDER
+    order = tuple(b.strip() for b in env.split(",") if b.strip())
+    bad = [b for b in order if b not in BACKENDS]
+    if bad or not order:
+        raise ValueError(f"CDLM_FAST_EXP_GRAM_ORDER must list backends among {BACKENDS}, got {env!r}")
+    return order + tuple(b for b in EXP_GRAM_GPU_ORDER if b not in order)
 
 
 def _exp_gram_torch(Q, C, beta, shift, scale, Y):
@@ -118,5 +140,8 @@ def exp_gram(Q: torch.Tensor, C: torch.Tensor, beta: Optional[torch.Tensor], shi
         >>> G, R = exp_gram(Q, C, None, shift, 64 ** -0.5)             # mass fit
     """
     _check(Q, C, beta, shift, scale, Y)
-    name = _OP.select(backend, Q.device, Q=Q, C=C, beta=beta, shift=shift, Y=Y)
+    meta = dict(Q=Q, C=C, beta=beta, shift=shift, Y=Y)
+    if backend == "auto" and Q.device.type == "cuda" and not os.environ.get("CDLM_FAST_BACKEND", "").strip():
+        backend = next((b for b in gpu_order() if _OP.reason(b, Q.device, **meta) is None), "torch")
+    name = _OP.select(backend, Q.device, **meta)
     return _OP.impls[name](Q, C, beta, shift, float(scale), Y)
