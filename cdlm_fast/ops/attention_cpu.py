@@ -1,0 +1,187 @@
+"""The ``"torch"`` backend of :func:`cdlm_fast.attention`: fast on the CPU, exact semantics.
+
+It serves every CPU call (``backend="auto"`` on the CPU resolves here) and CUDA tensors that
+neither the Triton nor the CUDA kernels accept (float64, unusual head dims). It is *not* the
+dense oracle of the tests (:mod:`cdlm_fast.reference.attention`), which stays as it is.
+
+How it works: the visible keys of query ``i`` are always a prefix ``[0, limit_i)`` of the key
+axis (before the ``-inf`` entries of the bias), and ``limit`` is non-decreasing in ``i``. So a
+tile of queries ``[i0, i1)`` splits the keys into
+
+* a **common part** ``[0, lo)``, ``lo = min limit`` over the tile: visible to every row, only
+  the bias applies. The kernel reads the bias as a ``[B, Hkv, 1, lo]`` mask broadcast over the
+  rows (stride 0, nothing materialised), or no mask at all without a bias;
+* a **band** ``[lo, hi)``, ``hi = max limit``: the only place where a ``[rows, hi - lo]`` float
+  mask is built; keys at or past ``hi`` are never read (so causal prefill does about half the
+  work of a full-mask call).
+
+The two parts are combined exactly through their log-sum-exps (``lse = logaddexp(lse_c,
+lse_b)``, ``out = e^(lse_c - lse) out_c + e^(lse_b - lse) out_b``). GQA: the ``G`` query heads
+of a KV head are folded into the rows of one problem (``[B, Hkv, G * rows, D]``), so K/V are
+never repeated. Rows with no visible key (geometry, ``kv_lens`` or an all ``-inf`` bias) get
+zeros and ``lse = -inf``; they are found from a prefix count of the finite bias entries, not
+from the kernel's output.
+
+Each part runs on the CPU in PyTorch's flash-attention kernel that returns the log-sum-exp,
+``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`` (float32 / bfloat16 / float16
+with a float32 mask, float64 with a float64 mask; bfloat16 and float16 accumulate in float32).
+On other devices (or if that op is missing) each part is a dense float32 / float64 softmax of
+the tile's ``[rows, hi]`` scores: memory ``O(rows * Lk)``, never ``O(Lq * Lk)``.
+
+Rule (chosen by measurement on a 2-core x86 CPU, ``bench/bench_attention.py --cpu``):
+
+* all rows of the call share one limit (a decode block aligned to the block grid, a bidirectional
+  call, a single query): **one** kernel call, no mask tensor at all (bias broadcast over rows);
+* otherwise tiles of ``QUERY_TILE`` queries (all of them when ``Lq <= QUERY_TILE``): common part
+  plus band, as above. FlexAttention is not used: on the CPU it needs ``torch.compile`` (a C++
+  toolchain and a compile per shape), and the tiled flash calls already skip the masked tiles.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple
+
+import torch
+
+__all__ = ["attention_torch", "key_limits", "visible_mask", "QUERY_TILE"]
+
+# Queries per tile of the banded path. 256 measured best among 64..1024 for causal prefill at
+# 2K (SmolLM2 and Llama-8B heads, float32 and bfloat16).
+QUERY_TILE = 256
+
+_FLASH_CPU: Optional[Callable] = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def key_limits(prefix_len: torch.Tensor, block_size: Optional[int], q_offset: int, lq: int, lk: int,
+               kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Number of visible keys of every query, ``[B, Lq]`` int64 (see :mod:`cdlm_fast.ops.attention`).
+
+    Args:
+        prefix_len: ``[B]`` integer tensor. block_size: ``None``/``0`` (no mask) or >= 1.
+        q_offset: key index of query 0. lq, lk: numbers of queries and keys.
+        kv_lens: optional ``[B]`` integer tensor capping the visible keys.
+    """
+    prefix = prefix_len.to(torch.int64).view(-1, 1)
+    if not block_size:
+        limit = torch.full((prefix.shape[0], lq), lk, dtype=torch.int64, device=prefix.device)
+    else:
+        pos = torch.arange(lq, dtype=torch.int64, device=prefix.device).view(1, -1) + q_offset
+        rel = pos - prefix
+        gen = prefix + block_size * (torch.div(rel, block_size, rounding_mode="floor") + 1)
+        limit = torch.where(rel < 0, prefix, gen)
+    cap = lk if kv_lens is None else kv_lens.to(torch.int64).view(-1, 1).clamp(max=lk)
+    return torch.clamp(torch.minimum(limit, torch.as_tensor(cap, device=limit.device)), min=0)
+
+
+def visible_mask(prefix_len: torch.Tensor, block_size: Optional[int], q_offset: int, lq: int, lk: int,
+                 kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Boolean ``[B, Lq, Lk]``: ``True`` where key ``j`` is visible to query ``i`` (bias aside)."""
+    limits = key_limits(prefix_len, block_size, q_offset, lq, lk, kv_lens)
+    return torch.arange(lk, device=limits.device).view(1, 1, -1) < limits.unsqueeze(-1)
+
+
+def _part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+          cdt: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Attention of rows ``q`` ``[B, H, R, D]`` over ``k``/``v`` ``[B, H, L, D]`` with an additive ``mask``
+    broadcastable to ``[B, H, R, L]`` (or ``None``); ``(out [B, H, R, D], lse [B, H, R])``.
+    Rows whose mask is all ``-inf`` come back with arbitrary finite values (the caller fixes them)."""
+    if q.device.type == "cpu" and _FLASH_CPU is not None:
+        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        return out, lse
+    s = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s + mask
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1))
+    return torch.matmul(p, v.to(cdt)), lse
+
+
+def _visible_count(cnt: Optional[torch.Tensor], a, b_lim: torch.Tensor) -> torch.Tensor:
+    """Number of visible (finite-bias) keys in ``[a, b_lim)``: ``b_lim`` ``[B, 1 | Hkv, R]`` int64."""
+    if cnt is None:
+        return b_lim - a
+    idx = b_lim.expand(cnt.shape[0], cnt.shape[1], b_lim.shape[-1])
+    lo = cnt[:, :, a:a + 1] if isinstance(a, int) else cnt.gather(2, a)
+    return cnt.gather(2, idx) - lo
+
+
+def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+                    prefix_len: torch.Tensor, kv_lens: Optional[torch.Tensor], q_offset: int, block_size: int,
+                    scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block-causal attention with a per-key bias; ``(out [B, Hq, Lq, D], lse [B, Hq, Lq])``.
+
+    Arguments as validated by :func:`cdlm_fast.attention`: q ``[B, Hq, Lq, D]``, k/v ``[B, Hkv, Lk, D]``,
+    bias ``[B, Hkv, Lk]`` float32 (float64 allowed for float64 inputs) or ``None``, ``prefix_len``
+    ``[B]`` int, ``kv_lens`` ``[B]`` int or ``None``, ``block_size`` ``0`` for "no mask". ``out`` is in
+    q's dtype, ``lse`` float32 (float64 for float64 inputs).
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    out = torch.zeros(B, Hq, Lq, D, dtype=q.dtype, device=q.device)
+    lse = torch.full((B, Hq, Lq), float("-inf"), dtype=cdt, device=q.device)
+    if out.numel() == 0 or Lk == 0:
+        return out, lse
+    G = Hq // Hkv
+    limits = key_limits(prefix_len, block_size, q_offset, Lq, Lk, kv_lens)  # [B, Lq], non-decreasing in i
+    bias_c = None if bias is None else bias.to(cdt)
+    cnt = None
+    if bias_c is not None:
+        cnt = torch.nn.functional.pad(torch.isfinite(bias_c).to(torch.int32).cumsum(-1), (1, 0)).to(torch.int64)
+    lim_host: Tuple[List[int], List[int]] = (limits.amin(0).tolist(), limits.amax(0).tolist())
+    q5 = q.view(B, Hkv, G, Lq, D) if q.is_contiguous() else q.reshape(B, Hkv, G, Lq, D)
+    out5, lse4 = out.view(B, Hkv, G, Lq, D), lse.view(B, Hkv, G, Lq)
+    lo_all, hi_all = lim_host[0][0], lim_host[1][-1]
+    tile = Lq if lo_all == hi_all else QUERY_TILE
+    for i0 in range(0, Lq, tile):
+        i1 = min(Lq, i0 + tile)
+        lo, hi = lim_host[0][i0], lim_host[1][i1 - 1]
+        if hi == 0:
+            continue
+        n = i1 - i0
+        qt = q5[:, :, :, i0:i1].reshape(B, Hkv, G * n, D)
+        lim_t = limits[:, None, i0:i1]  # [B, 1, n]
+        parts = []
+        if lo > 0:
+            mask = None if bias_c is None else bias_c[:, :, None, :lo]
+            o, l = _part(qt, k[:, :, :lo], v[:, :, :lo], mask, scale, cdt)
+            vis = _visible_count(cnt, 0, torch.full_like(lim_t, lo)) > 0  # [B, 1|Hkv, n]
+            parts.append((o, l, vis))
+        if hi > lo:
+            j = torch.arange(lo, hi, device=q.device)
+            band = j.view(1, 1, 1, -1) < lim_t.unsqueeze(-1)  # [B, 1, n, hi - lo]
+            neg_inf = torch.full((), float("-inf"), dtype=cdt, device=q.device)
+            keep = torch.zeros((), dtype=cdt, device=q.device) if bias_c is None else bias_c[:, :, None, lo:hi]
+            mask = torch.where(band, keep, neg_inf)  # [B, 1 | Hkv, n, hi - lo]
+            h = mask.shape[1]  # without a bias, the KV heads share one mask (stride 0)
+            mask = mask[:, :, None].expand(B, h, G, n, hi - lo).reshape(B, h, G * n, hi - lo)
+            mask = mask.expand(B, Hkv, G * n, hi - lo)
+            o, l = _part(qt, k[:, :, lo:hi], v[:, :, lo:hi], mask, scale, cdt)
+            vis = _visible_count(cnt, lo, lim_t.clamp(min=lo)) > 0
+            parts.append((o, l, vis))
+        o_t, l_t = _combine(parts, B, Hkv, G, n, D, cdt)
+        out5[:, :, :, i0:i1] = o_t
+        lse4[:, :, :, i0:i1] = l_t
+    return out, lse.to(torch.float32) if cdt == torch.float32 else lse
+
+
+def _combine(parts, B, Hkv, G, n, D, cdt):
+    """Merge per-part ``(out, lse, visible)`` of one tile into ``(out [B,Hkv,G,n,D], lse [B,Hkv,G,n])``."""
+    outs, lses = [], []
+    for o, l, vis in parts:
+        vis = vis[:, :, None, :].expand(B, Hkv, G, n)
+        l = torch.where(vis, l.reshape(B, Hkv, G, n).to(cdt), torch.full((), float("-inf"), dtype=cdt, device=l.device))
+        outs.append(o.reshape(B, Hkv, G, n, D))
+        lses.append(l)
+    if len(parts) == 1:
+        l = lses[0]
+        o = torch.where(torch.isfinite(l)[..., None], outs[0], torch.zeros((), dtype=outs[0].dtype,
+                                                                           device=outs[0].device))
+        return o, l
+    l = torch.logaddexp(lses[0], lses[1])
+    fin = torch.isfinite(l)
+    safe = torch.where(fin, l, torch.zeros_like(l))
+    o = None
+    for oi, li in zip(outs, lses):
+        w = torch.where(fin, torch.exp(li - safe), torch.zeros_like(li))[..., None]
+        o = w * oi.to(cdt) if o is None else o + w * oi.to(cdt)
+    return o, l
