@@ -117,71 +117,94 @@ def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opt
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    out = torch.zeros(B, Hq, Lq, D, dtype=q.dtype, device=q.device)
-    lse = torch.full((B, Hq, Lq), float("-inf"), dtype=cdt, device=q.device)
-    if out.numel() == 0 or Lk == 0:
-        return out, lse
+    if B * Hq * Lq * D == 0 or Lk == 0:
+        return (torch.zeros(B, Hq, Lq, D, dtype=q.dtype, device=q.device),
+                torch.full((B, Hq, Lq), float("-inf"), dtype=cdt, device=q.device))
     G = Hq // Hkv
     limits = key_limits(prefix_len, block_size, q_offset, Lq, Lk, kv_lens)  # [B, Lq], non-decreasing in i
+    lo_t, hi_t = limits.amin(0), limits.amax(0)
     bias_c = None if bias is None else bias.to(cdt)
     cnt = None
-    if bias_c is not None:
+    if bias_c is not None and not bool(torch.isfinite(bias_c).all()):
         cnt = torch.nn.functional.pad(torch.isfinite(bias_c).to(torch.int32).cumsum(-1), (1, 0)).to(torch.int64)
-    lim_host: Tuple[List[int], List[int]] = (limits.amin(0).tolist(), limits.amax(0).tolist())
-    q5 = q.view(B, Hkv, G, Lq, D) if q.is_contiguous() else q.reshape(B, Hkv, G, Lq, D)
-    out5, lse4 = out.view(B, Hkv, G, Lq, D), lse.view(B, Hkv, G, Lq)
-    lo_all, hi_all = lim_host[0][0], lim_host[1][-1]
-    tile = Lq if lo_all == hi_all else QUERY_TILE
-    for i0 in range(0, Lq, tile):
-        i1 = min(Lq, i0 + tile)
-        lo, hi = lim_host[0][i0], lim_host[1][i1 - 1]
-        if hi == 0:
-            continue
-        n = i1 - i0
-        qt = q5[:, :, :, i0:i1].reshape(B, Hkv, G * n, D)
-        lim_t = limits[:, None, i0:i1]  # [B, 1, n]
-        parts = []
-        if lo > 0:
-            mask = None if bias_c is None else bias_c[:, :, None, :lo]
-            o, l = _part(qt, k[:, :, :lo], v[:, :, :lo], mask, scale, cdt)
-            vis = _visible_count(cnt, 0, torch.full_like(lim_t, lo)) > 0  # [B, 1|Hkv, n]
-            parts.append((o, l, vis))
-        if hi > lo:
-            j = torch.arange(lo, hi, device=q.device)
-            band = j.view(1, 1, 1, -1) < lim_t.unsqueeze(-1)  # [B, 1, n, hi - lo]
-            neg_inf = torch.full((), float("-inf"), dtype=cdt, device=q.device)
-            keep = torch.zeros((), dtype=cdt, device=q.device) if bias_c is None else bias_c[:, :, None, lo:hi]
-            mask = torch.where(band, keep, neg_inf)  # [B, 1 | Hkv, n, hi - lo]
-            h = mask.shape[1]  # without a bias, the KV heads share one mask (stride 0)
+    q5 = q.reshape(B, Hkv, G, Lq, D)
+    tiles = _tiles(lo_t, hi_t, QUERY_TILE)
+    if len(tiles) == 1:
+        i0, i1, lo, hi = tiles[0]
+        o, l = _tile(q5, k, v, bias_c, cnt, limits, i0, i1, lo, hi, scale, cdt)
+        return o.reshape(B, Hq, Lq, D).to(q.dtype), l.reshape(B, Hq, Lq)
+    out = torch.empty(B, Hkv, G, Lq, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hkv, G, Lq, dtype=cdt, device=q.device)
+    for i0, i1, lo, hi in tiles:
+        out[:, :, :, i0:i1], lse[:, :, :, i0:i1] = _tile(q5, k, v, bias_c, cnt, limits, i0, i1, lo, hi, scale, cdt)
+    return out.view(B, Hq, Lq, D), lse.view(B, Hq, Lq)
+
+
+def _tiles(lo_t: torch.Tensor, hi_t: torch.Tensor, max_rows: int) -> List[Tuple[int, int, int, int]]:
+    """Query tiles ``(i0, i1, lo, hi)``: runs of queries with equal key limits, a run longer than
+    ``max_rows`` (a prompt) on its own, shorter runs packed up to ``max_rows`` queries."""
+    lq = lo_t.shape[0]
+    change = ((lo_t[1:] != lo_t[:-1]) | (hi_t[1:] != hi_t[:-1])).nonzero().flatten() + 1
+    bounds = [0] + change.tolist() + [lq]
+    lo_h, hi_h = lo_t.tolist(), hi_t.tolist()
+    tiles, r = [], 0
+    nruns = len(bounds) - 1
+    while r < nruns:
+        i0 = bounds[r]
+        r += 1
+        while r < nruns and bounds[r + 1] - i0 <= max_rows:
+            r += 1
+        i1 = bounds[r]
+        tiles.append((i0, i1, lo_h[i0], hi_h[i1 - 1]))
+    return tiles
+
+
+def _tile(q5, k, v, bias_c, cnt, limits, i0, i1, lo, hi, scale, cdt):
+    """Queries ``[i0, i1)`` (keys ``[0, lo)`` common, ``[lo, hi)`` banded): ``(out [B,Hkv,G,n,D], lse [B,Hkv,G,n])``."""
+    B, Hkv, G, _, D = q5.shape
+    n = i1 - i0
+    if hi == 0:
+        return (torch.zeros(B, Hkv, G, n, D, dtype=q5.dtype, device=q5.device),
+                torch.full((B, Hkv, G, n), float("-inf"), dtype=cdt, device=q5.device))
+    qt = q5[:, :, :, i0:i1].reshape(B, Hkv, G * n, D)
+    lim_t = limits[:, None, i0:i1]  # [B, 1, n]
+    parts = []
+    if lo > 0:
+        mask = None if bias_c is None else bias_c[:, :, None, :lo]
+        o, l = _part(qt, k[:, :, :lo], v[:, :, :lo], mask, scale, cdt)
+        vis = None if cnt is None else (cnt[:, :, lo:lo + 1] > 0)  # [B, Hkv, 1]
+        parts.append((o, l, vis))
+    if hi > lo:
+        j = torch.arange(lo, hi, device=q5.device)
+        band = j.view(1, 1, 1, -1) < lim_t.unsqueeze(-1)  # [B, 1, n, hi - lo]
+        neg_inf = torch.full((), float("-inf"), dtype=cdt, device=q5.device)
+        keep = torch.zeros((), dtype=cdt, device=q5.device) if bias_c is None else bias_c[:, :, None, lo:hi]
+        mask = torch.where(band, keep, neg_inf)  # [B, 1 | Hkv, n, hi - lo]
+        h = mask.shape[1]  # without a bias, the KV heads share one mask (stride 0)
+        if G > 1:
             mask = mask[:, :, None].expand(B, h, G, n, hi - lo).reshape(B, h, G * n, hi - lo)
-            mask = mask.expand(B, Hkv, G * n, hi - lo)
-            o, l = _part(qt, k[:, :, lo:hi], v[:, :, lo:hi], mask, scale, cdt)
-            vis = _visible_count(cnt, lo, lim_t.clamp(min=lo)) > 0
-            parts.append((o, l, vis))
-        o_t, l_t = _combine(parts, B, Hkv, G, n, D, cdt)
-        out5[:, :, :, i0:i1] = o_t
-        lse4[:, :, :, i0:i1] = l_t
-    return out, lse.to(torch.float32) if cdt == torch.float32 else lse
+        mask = mask.expand(B, Hkv, G * n, hi - lo)
+        o, l = _part(qt, k[:, :, lo:hi], v[:, :, lo:hi], mask, scale, cdt)
+        vis = _visible_count(cnt, lo, lim_t.clamp(min=lo)) > 0  # [B, 1 | Hkv, n]
+        parts.append((o, l, vis))
+    return _combine(parts, B, Hkv, G, n, D, cdt)
 
 
 def _combine(parts, B, Hkv, G, n, D, cdt):
-    """Merge per-part ``(out, lse, visible)`` of one tile into ``(out [B,Hkv,G,n,D], lse [B,Hkv,G,n])``."""
+    """Merge per-part ``(out, lse, visible)`` of one tile into ``(out [B,Hkv,G,n,D], lse [B,Hkv,G,n])``.
+
+    ``visible`` (``None``: every row) marks the rows that see a key in that part; the others get
+    ``lse = -inf`` (the kernel's output there is already 0: every mask entry is ``-inf``)."""
     outs, lses = [], []
     for o, l, vis in parts:
-        vis = vis[:, :, None, :].expand(B, Hkv, G, n)
-        l = torch.where(vis, l.reshape(B, Hkv, G, n).to(cdt), torch.full((), float("-inf"), dtype=cdt, device=l.device))
+        l = l.reshape(B, Hkv, G, n).to(cdt)
+        if vis is not None and not bool(vis.all()):
+            l = l.masked_fill(~vis[:, :, None, :].expand(B, Hkv, G, n), float("-inf"))
         outs.append(o.reshape(B, Hkv, G, n, D))
         lses.append(l)
     if len(parts) == 1:
-        l = lses[0]
-        o = torch.where(torch.isfinite(l)[..., None], outs[0], torch.zeros((), dtype=outs[0].dtype,
-                                                                           device=outs[0].device))
-        return o, l
+        return outs[0], lses[0]
     l = torch.logaddexp(lses[0], lses[1])
-    fin = torch.isfinite(l)
-    safe = torch.where(fin, l, torch.zeros_like(l))
-    o = None
-    for oi, li in zip(outs, lses):
-        w = torch.where(fin, torch.exp(li - safe), torch.zeros_like(li))[..., None]
-        o = w * oi.to(cdt) if o is None else o + w * oi.to(cdt)
-    return o, l
+    safe = torch.where(torch.isfinite(l), l, torch.zeros_like(l))
+    w0, w1 = torch.exp(lses[0] - safe)[..., None], torch.exp(lses[1] - safe)[..., None]
+    return w0 * outs[0].to(cdt) + w1 * outs[1].to(cdt), l
