@@ -89,6 +89,7 @@ def compact(model, tok, text: str, *, ratio: float = 10.0, method: str = "highes
 @torch.no_grad()
 def answer(model, tok, context_ids: torch.Tensor, question: str, compacted=None, max_new_tokens: int = 24) -> str:
     """Greedy answer to ``question`` after the context, with the full or a compacted cache."""
+    from ._hf_compat import cache_kwargs
     from .compaction import CompactedDynamicCache
     from .compaction.queries import use_attention
 
@@ -100,8 +101,8 @@ def answer(model, tok, context_ids: torch.Tensor, question: str, compacted=None,
         out = model.generate(ids, **kw)
     else:
         with use_attention(model):
-            out = model.generate(ids, past_key_values=CompactedDynamicCache.from_compacted(compacted, model.config),
-                                 **kw)
+            cache = CompactedDynamicCache.from_compacted(compacted, model.config)
+            out = model.generate(ids, **cache_kwargs(model, cache), **kw)
     text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
     return text.split("\n")[0].strip()
 
