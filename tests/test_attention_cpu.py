@@ -1,7 +1,7 @@
 """The ``"torch"`` backend of :func:`cdlm_fast.attention` (:mod:`cdlm_fast.ops.attention_cpu`).
 
-Shapes and masks that exercise its tiling (runs of equal key limits, a common part plus a band,
-several tiles, merges through the lse), in every dtype the CPU kernel takes, and its dense path
+Shapes and masks that exercise its paths (causal rows through the kernel's causal mask; tiles of
+runs of equal key limits, a common part plus a band, merges through the lse), in every dtype the CPU kernel takes, and its dense path
 for other devices (forced here on the CPU). Compared with the float64 reference.
 """
 from __future__ import annotations
@@ -17,7 +17,9 @@ from cdlm_fast.reference.attention import attention_reference, key_limits
 
 # (b, hq, hkv, lq, lk, d, prefix, block, q_offset, kv_lens, bias)
 CASES = {
-    "causal-3-tiles": (1, 3, 1, 600, 700, 64, 50, 1, 100, None, "inf"),
+    "causal-offset": (1, 3, 1, 600, 700, 64, 50, 1, 100, None, "inf"),
+    "causal-prefill-gqa-dropped": (2, 6, 2, 300, 300, 64, 0, 1, 0, None, "head-inf"),
+    "causal-offset-no-bias": (1, 4, 1, 100, 250, 32, 0, 1, 150, None, None),
     "causal-batch-kvlens": (2, 6, 2, 530, 530, 40, [0, 17], 1, 0, [530, 400], "large"),
     "prompt-then-blocks": (1, 4, 2, 300, 300, 32, 200, 16, 0, None, "randn"),
     "block7-no-bias": (1, 4, 2, 300, 300, 64, 0, 7, 0, None, None),
@@ -47,7 +49,7 @@ def _inputs(case, dtype, seed=0):
             bias[torch.rand(b, hkv, lk, generator=g) < 0.1] = -math.inf
         elif kind == "all-inf":
             bias.fill_(-math.inf)
-        elif kind == "head-inf":  # the first 12 keys dropped: queries 0..11 of the prompt see nothing
+        elif kind == "head-inf":  # the first 12 keys dropped: the first queries see nothing
             bias[:, :, :12] = -math.inf
     prefix_t = torch.tensor(prefix if isinstance(prefix, list) else [prefix] * b)
     kv = None if kv_lens is None else torch.tensor(kv_lens)
@@ -83,7 +85,8 @@ def test_torch_backend_matches_reference(case, dtype):
     _check(out, lse, q, k, v, bias, kw, dtype)
 
 
-@pytest.mark.parametrize("case", ["causal-3-tiles", "decode-unaligned", "empty-rows", "prefix-rows-dropped"])
+@pytest.mark.parametrize("case", ["causal-offset", "causal-prefill-gqa-dropped", "causal-batch-kvlens",
+                                  "decode-unaligned", "empty-rows", "prefix-rows-dropped"])
 def test_dense_path_for_other_devices(case, monkeypatch):
     """Without the CPU flash kernel (as on a CUDA device) every part is a dense tile softmax."""
     monkeypatch.setattr(attention_cpu, "_FLASH_CPU", None)

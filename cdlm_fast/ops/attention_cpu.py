@@ -80,16 +80,19 @@ def visible_mask(prefix_len: torch.Tensor, block_size: Optional[int], q_offset: 
 
 
 def _part(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
-          cdt: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+          cdt: torch.dtype, causal: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """Attention of rows ``q`` ``[B, H, R, D]`` over ``k``/``v`` ``[B, H, L, D]`` with an additive ``mask``
-    broadcastable to ``[B, H, R, L]`` (or ``None``); ``(out [B, H, R, D], lse [B, H, R])``.
-    Rows whose mask is all ``-inf`` come back with arbitrary finite values (the caller fixes them)."""
+    broadcastable to ``[B, H, R, L]`` (or ``None``), and with ``causal`` row ``r`` seeing keys ``<= r``;
+    ``(out [B, H, R, D], lse [B, H, R])``. Rows whose mask is all ``-inf`` get a zero output and an
+    arbitrary lse (the caller sets it)."""
     if q.device.type == "cpu" and _FLASH_CPU is not None:
-        out, lse = _FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        out, lse = _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask, scale=scale)
         return out, lse
     s = torch.matmul(q.to(cdt), k.to(cdt).transpose(-1, -2)) * scale
     if mask is not None:
         s = s + mask
+    if causal:
+        s = s.masked_fill(torch.ones(s.shape[-2:], dtype=torch.bool, device=s.device).triu(1), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)).unsqueeze(-1))
     return torch.matmul(p, v.to(cdt)), lse
@@ -128,6 +131,9 @@ def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opt
     if bias_c is not None and not bool(torch.isfinite(bias_c).all()):
         cnt = torch.nn.functional.pad(torch.isfinite(bias_c).to(torch.int32).cumsum(-1), (1, 0)).to(torch.int64)
     q5 = q.reshape(B, Hkv, G, Lq, D)
+    if Lq > 1 and bool((limits == torch.arange(q_offset + 1, q_offset + Lq + 1, device=limits.device)).all()):
+        o, l = _causal(q, k, v, bias_c, cnt, limits, q_offset, scale, cdt)
+        return o.reshape(B, Hq, Lq, D).to(q.dtype), l.reshape(B, Hq, Lq)
     tiles = _tiles(lo_t, hi_t, QUERY_TILE)
     if len(tiles) == 1:
         i0, i1, lo, hi = tiles[0]
@@ -138,6 +144,31 @@ def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opt
     for i0, i1, lo, hi in tiles:
         out[:, :, :, i0:i1], lse[:, :, :, i0:i1] = _tile(q5, k, v, bias_c, cnt, limits, i0, i1, lo, hi, scale, cdt)
     return out.view(B, Hq, Lq, D), lse.view(B, Hq, Lq)
+
+
+def _causal(q, k, v, bias_c, cnt, limits, q_offset, scale, cdt):
+    """Causal rows (query ``i`` sees keys ``< q_offset + i + 1``): the keys before ``q_offset`` in one
+    call (G folded into the rows, bias broadcast), the last ``Lq`` keys in one call with the kernel's
+    own causal masking (which skips the masked tiles; K/V of that band repeated to the query heads,
+    since folded rows would not line up with the diagonal), merged by lse."""
+    B, Hq, Lq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    parts = []
+    if q_offset > 0:
+        mask = None if bias_c is None else bias_c[:, :, None, :q_offset]
+        o, l = _part(q.reshape(B, Hkv, G * Lq, D), k[:, :, :q_offset], v[:, :, :q_offset], mask, scale, cdt)
+        parts.append((o, l, None if cnt is None else (cnt[:, :, q_offset:q_offset + 1] > 0)))
+    kb, vb = (x[:, :, q_offset:q_offset + Lq] for x in (k, v))
+    if G > 1:
+        kb, vb = kb.repeat_interleave(G, dim=1), vb.repeat_interleave(G, dim=1)
+    mask = None
+    if bias_c is not None:
+        bb = bias_c[:, :, q_offset:q_offset + Lq]
+        mask = (bb.repeat_interleave(G, dim=1) if G > 1 else bb)[:, :, None, :]  # [B, Hq, 1, Lq], rows broadcast
+    o, l = _part(q, kb, vb, mask, scale, cdt, causal=True)
+    parts.append((o, l, None if cnt is None else _visible_count(cnt, q_offset, limits[:, None, :]) > 0))
+    return _combine(parts, B, Hkv, G, Lq, D, cdt)
 
 
 def _tiles(lo_t: torch.Tensor, hi_t: torch.Tensor, max_rows: int) -> List[Tuple[int, int, int, int]]:
