@@ -57,10 +57,11 @@ def _median_time(fn, reps):
     return sorted(times)[len(times) // 2]
 
 
-def interleaved(impls, rounds, reps):
+def interleaved(impls, rounds, reps, warmup=True):
     """``{name: seconds}``: best over ``rounds`` of the median of ``reps`` calls, impls alternating."""
     for fn in impls.values():
-        fn()  # warm-up
+        if warmup:
+            fn()
     best = {name: math.inf for name in impls}
     for _ in range(rounds):
         for name, fn in impls.items():
@@ -129,7 +130,7 @@ def prefill_rows(model, tok, ids, rounds):
         finally:
             model.set_attn_implementation(prev)
 
-    t = interleaved({"ours": ours, "sdpa": sdpa}, rounds, 1)
+    t = interleaved({"ours": ours, "sdpa": sdpa}, rounds, 1, warmup=False)
     return seq.shape[1], t, out["res"]
 
 
@@ -154,7 +155,7 @@ def compaction_rows(model, kv, queries, rounds):
     def loop():
         res["loop"] = [torch_loop_compact(k, v, qf, t, {}) for (k, v), (qf, _) in zip(kv, fit)]
 
-    times = interleaved({"ours": ours, "loop": loop}, rounds, 1)
+    times = interleaved({"ours": ours, "loop": loop}, rounds, 1, warmup=False)
     errs = {}
     for name in ("ours", "loop"):
         m = [attention_match_metrics(k, v, layer, qh, scale=scale)["rel_error"]
