@@ -124,13 +124,17 @@ def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opt
         return (torch.zeros(B, Hq, Lq, D, dtype=q.dtype, device=q.device),
                 torch.full((B, Hq, Lq), float("-inf"), dtype=cdt, device=q.device))
     G = Hq // Hkv
-    limits = key_limits(prefix_len, block_size, q_offset, Lq, Lk, kv_lens)  # [B, Lq], non-decreasing in i
-    lo_t, hi_t = limits.amin(0), limits.amax(0)
     bias_c = None if bias is None else bias.to(cdt)
     cnt = None
     if bias_c is not None and not bool(torch.isfinite(bias_c).all()):
         cnt = torch.nn.functional.pad(torch.isfinite(bias_c).to(torch.int32).cumsum(-1), (1, 0)).to(torch.int64)
     q5 = q.reshape(B, Hkv, G, Lq, D)
+    shared = _shared_limit(prefix_len, kv_lens, block_size, q_offset, Lq, Lk)
+    if shared is not None:  # every row sees keys [0, shared): one call, no limits tensor
+        o, l = _tile(q5, k, v, bias_c, cnt, None, 0, Lq, shared, shared, scale, cdt)
+        return o.reshape(B, Hq, Lq, D).to(q.dtype), l.reshape(B, Hq, Lq)
+    limits = key_limits(prefix_len, block_size, q_offset, Lq, Lk, kv_lens)  # [B, Lq], non-decreasing in i
+    lo_t, hi_t = limits.amin(0), limits.amax(0)
     if Lq > 1 and bool((limits == torch.arange(q_offset + 1, q_offset + Lq + 1, device=limits.device)).all()):
         o, l = _causal(q, k, v, bias_c, cnt, limits, q_offset, scale, cdt)
         return o.reshape(B, Hq, Lq, D).to(q.dtype), l.reshape(B, Hq, Lq)
@@ -144,6 +148,22 @@ def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opt
     for i0, i1, lo, hi in tiles:
         out[:, :, :, i0:i1], lse[:, :, :, i0:i1] = _tile(q5, k, v, bias_c, cnt, limits, i0, i1, lo, hi, scale, cdt)
     return out.view(B, Hq, Lq, D), lse.view(B, Hq, Lq)
+
+
+def _shared_limit(prefix_len, kv_lens, block_size, q_offset, lq, lk) -> Optional[int]:
+    """The key limit when all queries of all samples share it (decode blocks on the block grid,
+    bidirectional calls), else ``None``; host arithmetic on the first and last query only (limits
+    are non-decreasing in the query index), so the common decode call builds no tensors."""
+    prefixes = prefix_len.tolist()
+    caps = [lk] * len(prefixes) if kv_lens is None else [min(lk, c) for c in kv_lens.tolist()]
+
+    def limit(p, cap, pos):
+        if block_size and pos >= p:
+            p = p + block_size * ((pos - p) // block_size + 1)
+        return max(0, min(p if block_size else lk, cap))
+
+    ends = {limit(p, c, q_offset + i) for p, c in zip(prefixes, caps) for i in (0, lq - 1)}
+    return ends.pop() if len(ends) == 1 else None
 
 
 def _causal(q, k, v, bias_c, cnt, limits, q_offset, scale, cdt):
@@ -198,7 +218,6 @@ def _tile(q5, k, v, bias_c, cnt, limits, i0, i1, lo, hi, scale, cdt):
         return (torch.zeros(B, Hkv, G, n, D, dtype=q5.dtype, device=q5.device),
                 torch.full((B, Hkv, G, n), float("-inf"), dtype=cdt, device=q5.device))
     qt = q5[:, :, :, i0:i1].reshape(B, Hkv, G * n, D)
-    lim_t = limits[:, None, i0:i1]  # [B, 1, n]
     parts = []
     if lo > 0:
         mask = None if bias_c is None else bias_c[:, :, None, :lo]
@@ -206,6 +225,7 @@ def _tile(q5, k, v, bias_c, cnt, limits, i0, i1, lo, hi, scale, cdt):
         vis = None if cnt is None else (cnt[:, :, lo:lo + 1] > 0)  # [B, Hkv, 1]
         parts.append((o, l, vis))
     if hi > lo:
+        lim_t = limits[:, None, i0:i1]  # [B, 1, n]
         j = torch.arange(lo, hi, device=q5.device)
         band = j.view(1, 1, 1, -1) < lim_t.unsqueeze(-1)  # [B, 1, n, hi - lo]
         neg_inf = torch.full((), float("-inf"), dtype=cdt, device=q5.device)
