@@ -28,13 +28,24 @@ with a float32 mask, float64 with a float64 mask; bfloat16 and float16 accumulat
 On other devices (or if that op is missing) each part is a dense float32 / float64 softmax of
 the tile's ``[rows, hi]`` scores: memory ``O(rows * Lk)``, never ``O(Lq * Lk)``.
 
-Rule (chosen by measurement on a 2-core x86 CPU, ``bench/bench_attention.py --cpu``):
+Rule (chosen by measurement on a 2-core x86 CPU, ``python bench/cpu_report.py``):
 
-* all rows of the call share one limit (a decode block aligned to the block grid, a bidirectional
-  call, a single query): **one** kernel call, no mask tensor at all (bias broadcast over rows);
-* otherwise tiles of ``QUERY_TILE`` queries (all of them when ``Lq <= QUERY_TILE``): common part
-  plus band, as above. FlexAttention is not used: on the CPU it needs ``torch.compile`` (a C++
-  toolchain and a compile per shape), and the tiled flash calls already skip the masked tiles.
+* all rows of the call share one limit (a decode block on the block grid, a bidirectional call,
+  a single query; decided by host arithmetic on the first and last query): **one** kernel call,
+  no mask tensor at all (bias broadcast over the rows);
+* causal rows (``limit_i = q_offset + i + 1``, e.g. a transformers prefill): the cached keys before
+  ``q_offset`` as a common part, the last ``Lq`` keys in **one** call with the kernel's own causal
+  mask (it skips the masked tiles; K/V of that band repeated to the query heads, since folded rows
+  would not line up with the diagonal); measured on par with SDPA ``is_causal`` + ``enable_gqa``;
+* otherwise tiles: runs of queries with equal limits (a prompt is one run, one call), shorter runs
+  packed up to ``QUERY_TILE`` queries, each tile a common part plus a band, as above.
+
+Against SDPA with a materialised float mask the gain is the mask that is never built or read, and
+(prefill) the masked tiles never computed; in decode the kernel work is the same, so the two are
+on par there. FlexAttention is not used: on the CPU it needs ``torch.compile`` (a C++ toolchain
+and a compile per shape), and the calls above already skip the masked tiles. A dense chunked
+softmax over the folded rows (one GEMM per KV head) measured 1.5-2x slower than the flash kernel
+for decode blocks.
 """
 from __future__ import annotations
 
@@ -44,8 +55,8 @@ import torch
 
 __all__ = ["attention_torch", "key_limits", "visible_mask", "QUERY_TILE"]
 
-# Queries per tile of the banded path. 256 measured best among 64..1024 for causal prefill at
-# 2K (SmolLM2 and Llama-8B heads, float32 and bfloat16).
+# Queries per tile of the banded path (block-causal generated parts): bounds the band's mask
+# to QUERY_TILE * G rows.
 QUERY_TILE = 256
 
 _FLASH_CPU: Optional[Callable] = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
