@@ -44,7 +44,7 @@ Against SDPA with a materialised float mask the gain is the mask that is never b
 (prefill) the masked tiles never computed; in decode the kernel work is the same, so the two are
 on par there. FlexAttention is not used: on the CPU it needs ``torch.compile`` (a C++ toolchain
 and a compile per shape), and the calls above already skip the masked tiles. A dense chunked
-softmax over the folded rows (one GEMM per KV head) measured 1.5-2x slower than the flash kernel
+softmax over the folded rows (one GEMM per KV head) measured 1.3-2.6x slower than the flash kernel
 for decode blocks.
 """
 from __future__ import annotations
