@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .ops.attention import attention
-from .reference.attention import visible_mask
+from .ops.attention_cpu import visible_mask
 
 __all__ = [
     "BlockCausalStudent",

@@ -104,7 +104,7 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: float = 10.0, 
 
     Returns:
         ``(cache, report)``: a :class:`CompactedDynamicCache` ready for
-        ``model.generate(..., past_key_values=cache)`` with ``"cdlm_fast"`` attention, and a
+        ``model.generate(..., **cache_kwargs(model, cache))`` with ``"cdlm_fast"`` attention, and a
         :class:`CompactionReport` (plus the :class:`CompactedCache` with ``return_compacted``).
     """
     if queries not in QUERY_MODES:

@@ -41,8 +41,6 @@ __all__ = ["ATTN_NAME", "BIAS_ATTR", "SLOTS_ATTR", "cdlm_fast_attention_forward"
 ATTN_NAME = "cdlm_fast"
 BIAS_ATTR = "cdlm_fast_bias"
 SLOTS_ATTR = "cdlm_fast_slots"
-# Queries per chunk when the dense (torch) backend runs on the CPU, to bound memory.
-CPU_QUERY_CHUNK = 1024
 
 
 class StopForward(Exception):
@@ -155,13 +153,8 @@ def cdlm_fast_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     bias = _key_bias(key, attention_mask, B, Hkv)
     if key.dtype != query.dtype:
         key, value = key.to(query.dtype), value.to(query.dtype)
-    backend = _BACKEND.get()
-    step = CPU_QUERY_CHUNK if query.device.type == "cpu" else Lq
-    outs = []
-    for s in range(0, Lq, step):
-        outs.append(attention(query[:, :, s:s + step], key, value, bias=bias, block_size=1,
-                              q_offset=Lk - Lq + s, scale=scaling, backend=backend))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    out = attention(query, key, value, bias=bias, block_size=1, q_offset=Lk - Lq, scale=scaling,
+                    backend=_BACKEND.get())
     return out.transpose(1, 2).contiguous(), None
 
 

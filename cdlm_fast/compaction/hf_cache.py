@@ -11,7 +11,7 @@ Usage::
 
     cache = CompactedDynamicCache.from_compacted(compacted, config=model.config)
     model.set_attn_implementation("cdlm_fast")
-    out = model.generate(torch.cat([context_ids, prompt_ids], 1), past_key_values=cache, ...)
+    out = model.generate(torch.cat([context_ids, prompt_ids], 1), **cache_kwargs(model, cache), ...)
 
 ``generate`` skips the first ``cache.get_seq_length() = T`` tokens of ``input_ids`` (the
 context), exactly as with a regular prefilled cache.
@@ -160,7 +160,7 @@ class CompactedDynamicCache(DynamicCache):
 
     @classmethod
     def from_compacted(cls, compacted: CompactedCache, config=None) -> "CompactedDynamicCache":
-        """Wrap a :class:`CompactedCache` for ``model.generate(..., past_key_values=...)``."""
+        """Wrap a :class:`CompactedCache` for ``model.generate(..., **cache_kwargs(model, cache))``."""
         return cls(compacted, config=config)
 
     @classmethod

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .._hf_compat import cache_kwargs
 from ..ops.attention import attention
 from .core import _gather_keys, _to_problems, reference_outputs, resolve_counts
 from .select import highest_attention_scores, top_keys
@@ -102,7 +103,7 @@ def continuation_nll(model, compacted: CompactedCache, continuation_ids: torch.T
     ids = continuation_ids.to(model.device)
     mask = torch.ones(ids.shape[0], T + ids.shape[1], dtype=torch.long, device=ids.device)
     with use_attention(model):
-        logits = model(input_ids=ids, past_key_values=cache, attention_mask=mask, use_cache=True).logits
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache)).logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
     return float(-logp.gather(-1, ids[:, 1:, None]).mean())
 

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .._hf_compat import cache_kwargs
 from .hf_attention import ATTN_NAME, QueryCapture, StopForward, capture_queries, register
 
 __all__ = ["QUERY_MODES", "DEFAULT_INSTRUCTION", "use_attention", "instruction_ids", "prefill_with_queries",
@@ -82,7 +83,7 @@ def prefill_with_queries(model, input_ids: torch.Tensor, mode: str = "repeat",
     cap = QueryCapture(start=start)
     cache = DynamicCache()
     with use_attention(model), capture_queries(cap):
-        model(input_ids=seq, past_key_values=cache, use_cache=True)
+        model(input_ids=seq, use_cache=True, **cache_kwargs(model, cache))
     queries = {i: cap.get(i) for i in cap.queries}
     return _layer_kv(cache, T), queries, suffix
 
@@ -99,7 +100,7 @@ def capture_layer_queries(model, cache, suffix: torch.Tensor, layer_idx: int) ->
     before = [layer.keys.shape[-2] for layer in cache.layers]
     with use_attention(model), capture_queries(cap):
         try:
-            model(input_ids=suffix, past_key_values=cache, use_cache=True)
+            model(input_ids=suffix, use_cache=True, **cache_kwargs(model, cache))
         except StopForward:
             pass
     for layer, n in zip(cache.layers, before):

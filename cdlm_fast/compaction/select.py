@@ -28,16 +28,17 @@ def _chunk_size(P: int, N: int, budget_elems: int) -> int:
     return max(1, budget_elems // max(1, P * N))
 
 
-def softmax_weight_chunks(Q, K, lse, scale, key_bias=None, *, budget_elems: int = 1 << 26):
-    """Yield ``(start, A_chunk)`` with ``A_chunk`` ``[P, N, c]`` = softmax weights of a chunk of keys."""
+def softmax_weight_chunks(Q, K, lse, scale, key_bias=None, *, budget_elems: int = 1 << 26, power: int = 1):
+    """Yield ``(start, A_chunk)`` with ``A_chunk`` ``[P, N, c]`` = softmax weights of a chunk of keys
+    (to the ``power``: ``exp(power * logits)``, one fused GEMM + in-place ``exp``)."""
     P, N, _ = Q.shape
     T = K.shape[1]
     step = _chunk_size(P, N, budget_elems)
     for s in range(0, T, step):
-        logits = scale * torch.bmm(Q, K[:, s:s + step].float().transpose(1, 2)) - lse[:, :, None]
-        if key_bias is not None:
-            logits = logits + key_bias[:, None, s:s + step]
-        yield s, torch.exp(logits)
+        Kc = K[:, s:s + step].float()
+        add = lse[:, :, None] * -power
+        add = add + key_bias[:, None, s:s + step] * power if key_bias is not None else add.expand(-1, -1, Kc.shape[1])
+        yield s, torch.baddbmm(add, Q, Kc.transpose(1, 2), alpha=scale * power).exp_()
 
 
 def highest_attention_scores(Q, K, lse, scale, key_bias=None, *, reduce: str = "rms",
@@ -53,15 +54,16 @@ def highest_attention_scores(Q, K, lse, scale, key_bias=None, *, reduce: str = "
     out = torch.empty(P, K.shape[1], dtype=torch.float32, device=Q.device)
     denom = (query_weight.sum(1, keepdim=True).clamp(min=1) if query_weight is not None
              else torch.full((P, 1), float(N), device=Q.device))
-    for s, A in softmax_weight_chunks(Q, K, lse, scale, key_bias):
-        if query_weight is not None:
-            A = A * query_weight[:, :, None]
-        if reduce == "rms":
-            out[:, s:s + A.shape[-1]] = torch.sqrt((A * A).sum(1) / denom)
-        elif reduce == "mean":
-            out[:, s:s + A.shape[-1]] = A.sum(1) / denom
-        else:
-            out[:, s:s + A.shape[-1]] = A.amax(1)
+    qw = None if query_weight is None else query_weight.float()
+    if reduce != "max":  # sums over queries as a batched GEMV, on exp(2 logits) = A^2 for "rms"
+        w = torch.ones(P, 1, N, device=Q.device) if qw is None else (qw * qw if reduce == "rms" else qw)[:, None]
+        for s, A in softmax_weight_chunks(Q, K, lse, scale, key_bias, budget_elems=1 << 22,
+                                          power=2 if reduce == "rms" else 1):
+            tot = torch.bmm(w, A)[:, 0] / denom
+            out[:, s:s + A.shape[-1]] = torch.sqrt(tot) if reduce == "rms" else tot
+    else:
+        for s, A in softmax_weight_chunks(Q, K, lse, scale, key_bias, budget_elems=1 << 22):
+            out[:, s:s + A.shape[-1]] = (A if qw is None else A * qw[:, :, None]).amax(1)
     if key_bias is not None:
         out = out.masked_fill(torch.isneginf(key_bias), -1.0)
     return out

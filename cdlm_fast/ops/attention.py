@@ -24,7 +24,7 @@ import torch
 
 from .. import _validate as V
 from ..backends import op
-from ..reference.attention import attention_reference
+from .attention_cpu import attention_torch
 from .attention_grad import attention_train
 
 __all__ = ["attention"]
@@ -33,8 +33,8 @@ _OP = op("attention")
 
 
 def _torch_impl(q, k, v, bias, prefix_len, kv_lens, q_offset, block_size, scale):
-    return attention_reference(q, k, v, bias=bias, prefix_len=prefix_len, block_size=block_size or None,
-                               q_offset=q_offset, kv_lens=kv_lens, scale=scale, return_lse=True)
+    """The ``"torch"`` backend (CPU flash kernel, tiled; see :mod:`cdlm_fast.ops.attention_cpu`)."""
+    return attention_torch(q, k, v, bias, prefix_len, kv_lens, q_offset, block_size, scale)
 
 
 _OP.register("torch", _torch_impl)

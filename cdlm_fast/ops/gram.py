@@ -14,7 +14,7 @@ single kernel behind both Attention Matching fits:
   compacted keys with ``beta``, so ``A`` is the row-softmax ``X`` and ``R = X^T Y`` for the
   original attention outputs ``Y``; then ``lstsq_gram(G, R)`` gives the compacted values.
 
-Backends: ``"torch"`` (dense, chunked over ``n``; any device and float64), ``"triton"``
+Backends: ``"torch"`` (blocked over ``n``; any device and float64), ``"triton"``
 (:mod:`cdlm_fast.kernels.gram`), ``"cuda"`` (CUDA C++ extension, when built). ``"auto"`` on a GPU
 follows ``EXP_GRAM_GPU_ORDER`` (Triton first), not the global CUDA-first order.
 """
@@ -28,7 +28,6 @@ import torch
 
 from .. import _validate as V
 from ..backends import BACKENDS, op
-from ..reference.gram import exp_matrix_reference
 
 __all__ = ["exp_gram"]
 
@@ -56,8 +55,23 @@ def gpu_order() -> Tuple[str, ...]:
     return order + tuple(b for b in EXP_GRAM_GPU_ORDER if b not in order)
 
 
+def _exp_rows(Q, C, beta, shift, scale, dtype):
+    """``A = exp(scale * Q C^T + beta - shift)`` for a chunk of rows: ``[P, c, t]`` in ``dtype``.
+
+    One GEMM with the additive term fused (``baddbmm``) and an in-place ``exp``: three passes
+    over ``A`` instead of five."""
+    add = -shift.to(dtype).unsqueeze(-1)
+    if beta is not None:
+        add = add + beta.to(dtype).unsqueeze(-2)
+    else:
+        add = add.expand(-1, -1, C.shape[1])
+    return torch.baddbmm(add, Q.to(dtype), C.to(dtype).transpose(-1, -2), alpha=scale).exp_()
+
+
 def _exp_gram_torch(Q, C, beta, shift, scale, Y):
-    """Dense backend: ``A`` in chunks of rows (bounded memory), fp32 or fp64 accumulation."""
+    """Blocked backend: ``A`` in chunks of rows (bounded memory), accumulated in place into
+    ``G``/``R``; float32 (float64 when an input is float64). On the CPU the float32 result
+    matches the float64 reference to ~1e-6 relative (``tests/test_gram.py``)."""
     dtype = torch.float64 if any(x is not None and x.dtype == torch.float64 for x in (Q, C, beta, shift, Y)) \
         else torch.float32
     P, n, _ = Q.shape
@@ -65,15 +79,17 @@ def _exp_gram_torch(Q, C, beta, shift, scale, Y):
     e = 1 if Y is None else Y.shape[-1]
     G = torch.zeros(P, t, t, dtype=dtype, device=Q.device)
     R = torch.zeros(P, t, e, dtype=dtype, device=Q.device)
-    chunk = max(1, (1 << 24) // max(1, P * t))
+    Cd = C.to(dtype)
+    chunk = max(1, (1 << 22) // max(1, P * t))
     for i0 in range(0, n, chunk):
         i1 = min(n, i0 + chunk)
-        A = exp_matrix_reference(Q[:, i0:i1], C, beta, shift[:, i0:i1], scale, dtype)
-        G += A.transpose(-1, -2) @ A
+        A = _exp_rows(Q[:, i0:i1], Cd, beta, shift[:, i0:i1], scale, dtype)
+        At = A.transpose(-1, -2)
+        G.baddbmm_(At, A)
         if Y is None:
             R += A.sum(-2).unsqueeze(-1)
         else:
-            R += A.transpose(-1, -2) @ Y[:, i0:i1].to(dtype)
+            R.baddbmm_(At, Y[:, i0:i1].to(dtype))
     return G, R
 
 

@@ -1,0 +1,126 @@
+"""The ``"torch"`` backend of :func:`cdlm_fast.attention` (:mod:`cdlm_fast.ops.attention_cpu`).
+
+Shapes and masks that exercise its paths (causal rows through the kernel's causal mask; tiles of
+runs of equal key limits, a common part plus a band, merges through the lse), in every dtype the CPU kernel takes, and its dense path
+for other devices (forced here on the CPU). Compared with the float64 reference.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import cdlm_fast
+from cdlm_fast.ops import attention_cpu
+from cdlm_fast.reference.attention import attention_reference, key_limits
+
+# (b, hq, hkv, lq, lk, d, prefix, block, q_offset, kv_lens, bias)
+CASES = {
+    "causal-offset": (1, 3, 1, 600, 700, 64, 50, 1, 100, None, "inf"),
+    "causal-prefill-gqa-dropped": (2, 6, 2, 300, 300, 64, 0, 1, 0, None, "head-inf"),
+    "causal-offset-no-bias": (1, 4, 1, 100, 250, 32, 0, 1, 150, None, None),
+    "causal-batch-kvlens": (2, 6, 2, 530, 530, 40, [0, 17], 1, 0, [530, 400], "large"),
+    "prompt-then-blocks": (1, 4, 2, 300, 300, 32, 200, 16, 0, None, "randn"),
+    "block7-no-bias": (1, 4, 2, 300, 300, 64, 0, 7, 0, None, None),
+    "decode-aligned": (1, 9, 3, 32, 2080, 64, 2048, 32, 2048, None, "randn"),
+    "decode-unaligned": (2, 8, 2, 8, 100, 64, [40, 13], 8, 92, None, "inf"),
+    "bidirectional": (2, 2, 2, 17, 50, 64, 0, None, 0, [50, 23], "randn"),
+    "empty-rows": (2, 4, 2, 12, 40, 64, 8, 4, 28, [0, 36], "randn"),
+    "all-keys-dropped": (1, 2, 1, 5, 40, 64, 0, None, 0, None, "all-inf"),
+    "prefix-rows-dropped": (1, 2, 1, 40, 40, 16, 10, 1, 0, None, "head-inf"),
+}
+TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-4),
+       torch.float16: (5e-3, 1e-4)}
+
+
+def _inputs(case, dtype, seed=0):
+    b, hq, hkv, lq, lk, d, prefix, block, q_offset, kv_lens, kind = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, h, n, d, generator=g) for h, n in ((hq, lq), (hkv, lk), (hkv, lk)))
+    bias = None
+    if kind is not None:
+        bias = torch.randn(b, hkv, lk, generator=g)
+        if kind == "inf":
+            bias[torch.rand(b, hkv, lk, generator=g) < 0.25] = -math.inf
+        elif kind == "large":
+            bias = torch.where(torch.rand(b, hkv, lk, generator=g) < 0.5, -30.0, 30.0) * torch.rand(b, hkv, lk,
+                                                                                                   generator=g)
+            bias[torch.rand(b, hkv, lk, generator=g) < 0.1] = -math.inf
+        elif kind == "all-inf":
+            bias.fill_(-math.inf)
+        elif kind == "head-inf":  # the first 12 keys dropped: the first queries see nothing
+            bias[:, :, :12] = -math.inf
+    prefix_t = torch.tensor(prefix if isinstance(prefix, list) else [prefix] * b)
+    kv = None if kv_lens is None else torch.tensor(kv_lens)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    if bias is not None and dtype == torch.float64:
+        bias = bias.double()
+    return q, k, v, bias, dict(prefix_len=prefix_t, block_size=block, q_offset=q_offset, kv_lens=kv)
+
+
+def _check(out, lse, q, k, v, bias, kw, dtype):
+    ref, ref_lse = attention_reference(q.double(), k.double(), v.double(),
+                                       bias=None if bias is None else bias.double(), return_lse=True, **kw)
+    assert out.dtype == dtype and out.shape == q.shape
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty), "exactly the rows that see no key have lse = -inf"
+    assert (out[empty] == 0).all()
+    tol_out, tol_lse = TOL[dtype]
+    err = (out.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1.0)
+    assert err <= tol_out, f"output error {err:.3g}"
+    if (~empty).any():
+        lerr = ((lse.double() - ref_lse).abs() / (1 + ref_lse.abs()))[~empty].max().item()
+        assert lerr <= tol_lse, f"lse error {lerr:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", list(CASES))
+def test_torch_backend_matches_reference(case, dtype):
+    q, k, v, bias, kw = _inputs(case, dtype)
+    out, lse = cdlm_fast.attention(q, k, v, bias=bias, return_lse=True, backend="torch", **kw)
+    _check(out, lse, q, k, v, bias, kw, dtype)
+
+
+@pytest.mark.parametrize("case", ["causal-offset", "causal-prefill-gqa-dropped", "causal-batch-kvlens",
+                                  "decode-unaligned", "empty-rows", "prefix-rows-dropped"])
+def test_dense_path_for_other_devices(case, monkeypatch):
+    """Without the CPU flash kernel (as on a CUDA device) every part is a dense tile softmax."""
+    monkeypatch.setattr(attention_cpu, "_FLASH_CPU", None)
+    for dtype in (torch.float32, torch.float64):
+        q, k, v, bias, kw = _inputs(case, dtype, seed=1)
+        out, lse = cdlm_fast.attention(q, k, v, bias=bias, return_lse=True, backend="torch", **kw)
+        _check(out, lse, q, k, v, bias, kw, dtype)
+
+
+def test_small_tiles_and_strided_inputs(monkeypatch):
+    """Tiles of 7 queries (many merges), transformers-layout (non-contiguous) q/k/v."""
+    monkeypatch.setattr(attention_cpu, "QUERY_TILE", 7)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 45, 4, 64, generator=g).transpose(1, 2)
+    k, v = (torch.randn(2, 60, 2, 64, generator=g).transpose(1, 2) for _ in range(2))
+    bias = torch.randn(2, 2, 60, generator=g)
+    kw = dict(prefix_len=torch.tensor([9, 0]), block_size=3, q_offset=15, kv_lens=torch.tensor([60, 52]))
+    out, lse = cdlm_fast.attention(q, k, v, bias=bias, return_lse=True, backend="torch", **kw)
+    _check(out, lse, q, k, v, bias, kw, torch.float32)
+
+
+def test_tiles_follow_runs_of_equal_limits():
+    """A prompt is one tile (one kernel call), blocks are packed, causal rows are cut at the tile size."""
+    lim = key_limits(torch.tensor([100]), 8, 0, 132, 132)[0]
+    tiles = attention_cpu._tiles(lim, lim, 16)
+    assert tiles[0] == (0, 100, 100, 100)
+    assert [t[:2] for t in tiles[1:]] == [(100, 116), (116, 132)]
+    assert all(lo == int(lim[i0]) and hi == int(lim[i1 - 1]) for i0, i1, lo, hi in tiles)
+    causal = key_limits(torch.tensor([0]), 1, 0, 50, 50)[0]
+    assert [t[:2] for t in attention_cpu._tiles(causal, causal, 16)] == [(0, 16), (16, 32), (32, 48), (48, 50)]
+
+
+def test_key_limits_agree_with_reference():
+    for prefix, block, off, lq, lk, kv in [([3, 40], 4, 0, 50, 60, None), ([0, 7], None, 5, 9, 30, [30, 2]),
+                                           ([10 ** 6, 5], 10 ** 12, 3, 7, 20, None), ([0, 0], 1, 0, 0, 0, None)]:
+        args = (torch.tensor(prefix), block, off, lq, lk, None if kv is None else torch.tensor(kv))
+        assert torch.equal(attention_cpu.key_limits(*args), key_limits(*args))
