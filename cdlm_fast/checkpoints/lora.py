@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import warnings
 from typing import Dict, Mapping, Tuple
 
 import torch
@@ -82,7 +83,10 @@ def _apply_lora(model, lora_cfg: Dict, lora_state: Mapping[str, torch.Tensor], *
     kw["base_model_name_or_path"] = None
     config = peft.LoraConfig(**kw)
     ref = next(model.parameters())
-    pm = peft.get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated ``is_gradient_checkpointing`` itself (not our call)
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        pm = peft.get_peft_model(model, config)
     state = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in lora_state.items()}
     res = peft.set_peft_model_state_dict(pm, state)
     unexpected = list(getattr(res, "unexpected_keys", []) or [])
