@@ -223,3 +223,40 @@ def test_sliding_window_models_are_rejected():
         compact_model_cache(model, torch.randint(0, 101, (1, 20)), ratio=2, progress=False)
     with pytest.raises(NotImplementedError, match="full-attention"):
         CompactedDynamicCache(None, config=cfg)
+
+
+def test_several_ratios_from_one_prefill_match_single_calls():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 101, (1, 48))
+    many = compact_model_cache(model, ids, ratio=[2, 6], holdout=8, progress=False, return_compacted=True)
+    assert [r.ratio for _, r, _ in many] == [2.0, 6.0]
+    for (_, rep, comp), r in zip(many, (2, 6)):
+        _, rep1, comp1 = compact_model_cache(model, ids, ratio=r, holdout=8, progress=False, return_compacted=True)
+        assert rep.fit_queries == rep1.fit_queries and rep.heldout_queries == 8
+        for a, b in zip(comp.layers, comp1.layers):
+            assert torch.equal(a.indices, b.indices) and torch.allclose(a.values, b.values, atol=1e-5)
+    assert many[1][2].layers[0].keys.shape[2] == 8
+    assert many[0][1].times["prefill"] > 0 and many[1][1].times["prefill"] == 0
+    with pytest.raises(ValueError, match="ratio"):
+        compact_model_cache(model, ids, ratio=[2, 0.5], progress=False)
+
+
+def test_compacted_cache_without_cdlm_fast_attention_is_a_clear_error():
+    model = tiny_model("qwen3")
+    ids = torch.randint(0, 101, (1, 40))
+    cache, _ = compact_model_cache(model, ids[:, :32], ratio=4, holdout=0, progress=False)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="set_attn_implementation\\('cdlm_fast'\\)"):
+        model(ids[:, 32:], past_key_values=cache)
+    model.set_attn_implementation("cdlm_fast")
+    with torch.no_grad():
+        assert torch.isfinite(model(ids[:, 32:], past_key_values=cache).logits).all()
+
+
+def test_old_transformers_is_refused_with_the_requirement():
+    from cdlm_fast.compaction.hf_attention import check_transformers_version
+
+    check_transformers_version("5.17.0")
+    check_transformers_version("6.0.0.dev0")
+    with pytest.raises(ImportError, match="transformers>=5.17"):
+        check_transformers_version("5.2.0")

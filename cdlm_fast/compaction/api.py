@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -29,6 +29,13 @@ class CompactionReport:
         method, queries: the settings used.
         stage_times: seconds inside the compaction per stage (``"reference"`` attention,
             ``"select"``, ``"beta"``, ``"values"``), summed over layers.
+        stats: counters summed over layers (see ``stats`` of
+            :func:`cdlm_fast.compaction.compact_layer`): ``"beta_not_converged"`` NNLS solves
+            that used the fallback, ``"refill_rounds"``, ``"slots_refilled"``, ``"dead_slots"``
+            left unusable, ``"ridge_chosen"`` (relative ridge -> number of heads).
+        fit_queries, heldout_queries: reference queries per query head and layer used by the
+            fit and kept out of it for the metrics (``holdout``); the two sets are disjoint.
+        ratio: the compression ratio ``T / t`` asked for.
     """
 
     times: Dict[str, float] = field(default_factory=dict)
@@ -38,6 +45,10 @@ class CompactionReport:
     method: str = ""
     queries: str = ""
     stage_times: Dict[str, float] = field(default_factory=dict)
+    stats: Dict[str, object] = field(default_factory=dict)
+    fit_queries: int = 0
+    heldout_queries: int = 0
+    ratio: float = 0.0
 
     def summary(self) -> str:
         """One-paragraph text summary."""
@@ -58,7 +69,7 @@ def _tqdm(iterable, enabled: bool, total: int, desc: str):
 
 
 def compact_kv(kv, queries: Dict[int, torch.Tensor], budget, method: str = "highest_attention", *,
-               scale: Optional[float] = None, ridge: float = 1e-4, progress: bool = False,
+               scale: Optional[float] = None, ridge="auto", progress: bool = False,
                **kwargs) -> CompactedCache:
     """Compact precomputed per-layer ``(keys, values)`` with fixed reference queries.
 
@@ -80,46 +91,62 @@ def _scale(model) -> Optional[float]:
     return None
 
 
+def _check_ratio(ratio) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1:
+        raise ValueError(f"ratio must be a number >= 1 (T / t) or a list of such numbers, got {ratio!r}")
+
+
 @torch.no_grad()
-def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: float = 10.0, method: str = "highest_attention",
-                        queries: str = "repeat", max_queries: Optional[int] = 4096, holdout: int = 256,
-                        tokenizer=None, instruction: Optional[str] = None, ridge: float = 1e-4,
+def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: Union[float, Sequence[float]] = 10.0,
+                        method: str = "highest_attention", queries: str = "repeat", max_queries: Optional[int] = 4096,
+                        holdout: int = 256, tokenizer=None, instruction: Optional[str] = None, ridge="auto",
                         seed: int = 0, progress: bool = True, return_compacted: bool = False, **kwargs):
     """Prefill ``input_ids``, compact every layer's KV cache by Attention Matching, report quality.
+
+    Which queries fit and which evaluate: per layer, the reference queries are split at random
+    (``seed``) into ``holdout`` held-out queries, used only for the report's metrics, and at most
+    ``max_queries`` fit queries (the rest), which are the only ones the compaction sees. So
+    ``holdout`` changes the fit (fewer fit queries); ``holdout=0`` fits on all of them and
+    reports no metrics.
 
     Args:
         model: transformers causal LM with full-attention layers (Llama, Qwen2, Qwen3, ...).
         input_ids: ``[B, T]`` context ids (no padding).
-        ratio: compression ratio ``T / t`` (``>= 1``; 10.0 keeps 10% of the keys per head).
+        ratio: compression ratio ``T / t`` (``>= 1``; 10.0 keeps 10% of the keys per head), or a
+            list of ratios: one prefill (and one set of reference queries) serves all of them.
         method: ``"highest_attention"``, ``"omp"`` or ``"omp_fast"``.
         queries: ``"repeat"`` (repeat-prefill), ``"on_policy"`` or ``"context"``.
-        max_queries: cap on reference queries per layer (random subsample) before GQA stacking.
+        max_queries: cap on fit queries per layer (random subsample) before GQA stacking.
         holdout: queries per layer kept out of the fit for the report's metrics.
         tokenizer: used to tokenize the repeat instruction (without it the context is simply
             repeated). instruction: override the instruction text.
-        ridge: relative ridge of the value fit. seed: RNG seed of the subsampling.
+        ridge: relative ridge of the value fit, or ``"auto"`` (per head, by held-out error).
+        seed: RNG seed of the split / subsampling.
         progress: show a tqdm bar over layers.
         return_compacted: also return the :class:`CompactedCache`.
-        kwargs: passed to :func:`cdlm_fast.compaction.compact_layer`.
+        kwargs: passed to :func:`cdlm_fast.compaction.compact_layer` (e.g. ``aggregate``,
+            ``sinks``, ``window``).
 
     Returns:
         ``(cache, report)``: a :class:`CompactedDynamicCache` ready for
         ``model.generate(..., past_key_values=cache)`` with ``"cdlm_fast"`` attention, and a
         :class:`CompactionReport` (plus the :class:`CompactedCache` with ``return_compacted``).
+        With a list of ratios, a list of such tuples in the same order.
     """
     if queries not in QUERY_MODES:
         raise ValueError(f"queries must be one of {QUERY_MODES}, got {queries!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1:
-        raise ValueError(f"ratio must be a number >= 1 (T / t), got {ratio!r}")
+    many = isinstance(ratio, (list, tuple))
+    ratios = list(ratio) if many else [ratio]
+    if not ratios:
+        raise ValueError("ratio must not be an empty list")
+    for r in ratios:
+        _check_ratio(r)
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError("input_ids must be an integer tensor of shape [B, T]")
     input_ids = input_ids.to(model.device)
-    report = CompactionReport(method=method, queries=queries, logical_length=input_ids.shape[1])
-    gen = torch.Generator().manual_seed(seed)
     scale = _scale(model)
-    budget = 1.0 / float(ratio)
 
     t0 = time.perf_counter()
     instr = None
@@ -127,14 +154,30 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: float = 10.0, 
         instr = instruction_ids(tokenizer, **({"instruction": instruction} if instruction else {}),
                                 device=input_ids.device)
     kv, qs, suffix = prefill_with_queries(model, input_ids, queries, instr)
-    report.times["prefill"] = time.perf_counter() - t0
+    t_prefill = time.perf_counter() - t0
+    results = []
+    for r in ratios:
+        report = CompactionReport(method=method, queries=queries, logical_length=input_ids.shape[1], ratio=float(r))
+        report.times["prefill"] = t_prefill if not results else 0.0
+        out = _compact_prefilled(model, kv, qs, suffix, report, budget=1.0 / float(r), method=method,
+                                 queries=queries, max_queries=max_queries, holdout=holdout, ridge=ridge,
+                                 seed=seed, scale=scale, progress=progress, **kwargs)
+        cache, compacted = out
+        results.append((cache, report, compacted) if return_compacted else (cache, report))
+    return results if many else results[0]
 
-    T = input_ids.shape[1]
+
+def _compact_prefilled(model, kv, qs, suffix, report: CompactionReport, *, budget, method, queries, max_queries,
+                       holdout, ridge, seed, scale, progress, **kwargs):
+    """Compact the prefilled ``kv`` layer by layer (fills ``report``): ``(cache, compacted)``."""
+    gen = torch.Generator().manual_seed(seed)
+    T = kv[0][0].shape[2]
     L = len(kv)
     plain = [CompactedCacheLayer(k, v, None, T) for k, v in kv]
     out_layers: List[CompactedLayer] = []
     t_queries = t_compact = t_eval = 0.0
     stages: Dict[str, float] = {}
+    stats: Dict[str, object] = {}
     for i in _tqdm(range(L), progress, L, f"compacting ({method}, {queries})"):
         t1 = time.perf_counter()
         if queries == "on_policy" and i > 0:
@@ -144,10 +187,12 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: float = 10.0, 
         else:
             q_all = qs[i]
         q_fit, q_held = subsample(q_all, max_queries, gen, holdout)
+        report.fit_queries = q_fit.shape[2]
+        report.heldout_queries = 0 if q_held is None else q_held.shape[2]
         t2 = time.perf_counter()
         k, v = kv[i]
         layer = compact_layer(k, v, q_fit, budget, method, scale=scale, ridge=ridge, logical_length=T,
-                              timings=stages, **kwargs)
+                              timings=stages, stats=stats, **kwargs)
         t3 = time.perf_counter()
         if q_held is not None:
             m = attention_match_metrics(k, v, layer, q_held, scale=scale)
@@ -161,7 +206,8 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: float = 10.0, 
     report.times["compaction"] = t_compact
     report.times["evaluation"] = t_eval
     report.stage_times = stages
+    report.stats = stats
     compacted = CompactedCache(out_layers, T)
     report.compacted_length = max(layer.compacted_length for layer in out_layers)
     cache = CompactedDynamicCache.from_compacted(compacted, config=model.config)
-    return (cache, report, compacted) if return_compacted else (cache, report)
+    return cache, compacted

@@ -178,13 +178,29 @@ def cdlm_fast_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int
 
 
 _REGISTERED = False
+# The mask-function signature and the cache-layer API used here exist from this transformers on.
+MIN_TRANSFORMERS = (5, 17)
+
+
+def check_transformers_version(version: str) -> None:
+    """Raise ``ImportError`` naming the requirement when ``version`` is older than 5.17."""
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is None or (int(m.group(1)), int(m.group(2))) < MIN_TRANSFORMERS:
+        raise ImportError(f"cdlm_fast.compaction needs transformers>={MIN_TRANSFORMERS[0]}.{MIN_TRANSFORMERS[1]} "
+                          f"(found {version}); install it with: pip install 'cdlm_fast[hf]' or "
+                          f"pip install 'transformers>={MIN_TRANSFORMERS[0]}.{MIN_TRANSFORMERS[1]}'")
 
 
 def register() -> str:
     """Register ``"cdlm_fast"`` with transformers' attention and mask interfaces; returns the name."""
     global _REGISTERED
     if not _REGISTERED:
+        import transformers
         from transformers import AttentionInterface
+
+        check_transformers_version(transformers.__version__)
         from transformers.masking_utils import AttentionMaskInterface
 
         AttentionInterface.register(ATTN_NAME, cdlm_fast_attention_forward)

@@ -21,9 +21,12 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+import transformers
 
-from .hf_attention import BIAS_ATTR, SLOTS_ATTR
+from .hf_attention import ATTN_NAME, BIAS_ATTR, SLOTS_ATTR, check_transformers_version
+
+check_transformers_version(transformers.__version__)
+from transformers.cache_utils import DynamicCache, DynamicLayer  # noqa: E402
 from .types import CompactedCache, CompactedLayer
 
 __all__ = ["CompactedCacheLayer", "CompactedDynamicCache"]
@@ -136,10 +139,13 @@ class CompactedDynamicCache(DynamicCache):
     Args:
         compacted: optional :class:`CompactedCache` to start from (``layers[l].keys`` etc.
             ``[B, Hkv, t_l, D]``, bias ``[B, Hkv, t_l]``).
-        config: optional model config; used to reject sliding-window layer types.
+        config: optional model config; used to reject sliding-window layer types and, at every
+            ``update``, to check that the model runs the ``"cdlm_fast"`` attention (any other
+            attention ignores the bias and the logical positions of the compacted slots).
     """
 
     def __init__(self, compacted: Optional[CompactedCache] = None, config=None):
+        self._attn_config = None if config is None else config.get_text_config(decoder=True)
         if config is not None:
             text_config = config.get_text_config(decoder=True)
             types = getattr(text_config, "layer_types", None)
@@ -157,6 +163,20 @@ class CompactedDynamicCache(DynamicCache):
             return
         layers = [CompactedCacheLayer.from_compacted(layer, compacted.logical_length) for layer in compacted.layers]
         super(DynamicCache, self).__init__(layers=layers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """``DynamicCache.update``, after checking that a compacted layer is read by ``"cdlm_fast"``."""
+        impl = getattr(getattr(self, "_attn_config", None), "_attn_implementation", None)
+        if impl is not None and impl != ATTN_NAME and layer_idx < len(self.layers):
+            layer = self.layers[layer_idx]
+            if isinstance(layer, CompactedCacheLayer) and (
+                    layer.bias is not None or layer.compacted_length != layer.logical_length):
+                raise RuntimeError(
+                    f"this CompactedDynamicCache holds Attention-Matching-compacted layers, which only the "
+                    f"{ATTN_NAME!r} attention can read (per-key bias, logical positions), but the model runs "
+                    f"attn_implementation={impl!r}. Call model.set_attn_implementation({ATTN_NAME!r}) (or run "
+                    f"inside `with cdlm_fast.compaction.queries.use_attention(model):`) first.")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @classmethod
     def from_compacted(cls, compacted: CompactedCache, config=None) -> "CompactedDynamicCache":
