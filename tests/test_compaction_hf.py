@@ -214,14 +214,64 @@ def test_compact_model_cache_bad_args():
         compact_model_cache(model, ids.float(), progress=False)
 
 
-def test_sliding_window_models_are_rejected():
-    cfg = transformers.Qwen2Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
-                                   sliding_window=8, max_window_layers=0)
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
-    with pytest.raises(NotImplementedError, match="sliding"):
-        compact_model_cache(model, torch.randint(0, 101, (1, 20)), ratio=2, progress=False)
-    with pytest.raises(NotImplementedError, match="full-attention"):
+def hybrid_model(arch, seed=0):
+    """Tiny random model whose layers alternate sliding-window (window 8) and full attention."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=8,
+                  layer_types=["sliding_attention", "full_attention"] * 2)
+    if arch == "gemma3":
+        cfg = transformers.Gemma3TextConfig(**common)
+        return transformers.Gemma3ForCausalLM(cfg).eval()
+    cfg = transformers.Qwen3Config(use_sliding_window=True, **common)
+    return transformers.Qwen3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3"])
+def test_hybrid_sliding_models_prefill_matches_sdpa(arch):
+    model = hybrid_model(arch)
+    ids = torch.randint(0, 101, (2, 30))
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        ref = model(ids).logits
+        model.set_attn_implementation("cdlm_fast")
+        out = model(ids).logits
+    assert (out - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3"])
+def test_hybrid_models_compact_full_layers_only(arch):
+    model = hybrid_model(arch)
+    ids = torch.randint(0, 101, (1, 40))
+    T = 32
+    # a budget that keeps every key: generation matches the uncompacted model
+    cache, report, comp = compact_model_cache(model, ids[:, :T], ratio=1, holdout=0, progress=False,
+                                              return_compacted=True)
+    assert [layer.compacted_length for layer in comp.layers] == [8, 32, 8, 32]  # sliding layers: the window
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False)
+        ref_logits = model(ref).logits[:, T:]
+    model.set_attn_implementation("cdlm_fast")
+    with torch.no_grad():
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+        cache2 = CompactedDynamicCache.from_compacted(comp, config=model.config)
+        logits = model(ref[:, T:], past_key_values=cache2).logits
+    assert torch.equal(out, ref)
+    assert (logits - ref_logits).abs().max() < 1e-3
+    # a real budget compacts the full-attention layers only
+    _, _, comp4 = compact_model_cache(model, ids[:, :T], ratio=4, holdout=0, progress=False, return_compacted=True)
+    assert [layer.compacted_length for layer in comp4.layers] == [8, 8, 8, 8]
+    assert torch.equal(comp4.layers[0].keys, comp.layers[0].keys) and torch.equal(comp4.layers[0].indices[0, 0],
+                                                                                  torch.arange(24, 32))
+    assert torch.isfinite(comp4.layers[1].bias).all()
+
+
+def test_unsupported_layer_types_are_rejected():
+    cfg = transformers.Qwen3Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    cfg.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(NotImplementedError, match="chunked_attention"):
         CompactedDynamicCache(None, config=cfg)
 
 

@@ -8,7 +8,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from .core import METHODS, compact_layer
-from .hf_cache import CompactedCacheLayer, CompactedDynamicCache
+from .hf_cache import CompactedCacheLayer, CompactedDynamicCache, attention_layer_types
 from .queries import (QUERY_MODES, capture_layer_queries, instruction_ids, prefill_with_queries, subsample)
 from .quality import attention_match_metrics
 from .types import CompactedCache, CompactedLayer
@@ -91,6 +91,16 @@ def _scale(model) -> Optional[float]:
     return None
 
 
+def _sliding_layer(k: torch.Tensor, v: torch.Tensor, window: int, T: int) -> CompactedLayer:
+    """A sliding-window layer's cache, uncompacted: its last ``window`` keys/values ``[B, Hkv, w, D]``."""
+    w = min(window, T)
+    B, Hkv = k.shape[:2]
+    idx = torch.arange(T - w, T, device=k.device)
+    return CompactedLayer(k[:, :, T - w:].contiguous(), v[:, :, T - w:].contiguous(),
+                          torch.zeros(B, Hkv, w, device=k.device), T,
+                          torch.full((B, Hkv), w, dtype=torch.int64, device=k.device), idx.expand(B, Hkv, w).contiguous())
+
+
 def _check_ratio(ratio) -> None:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1:
         raise ValueError(f"ratio must be a number >= 1 (T / t) or a list of such numbers, got {ratio!r}")
@@ -110,7 +120,9 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: Union[float, S
     reports no metrics.
 
     Args:
-        model: transformers causal LM with full-attention layers (Llama, Qwen2, Qwen3, ...).
+        model: transformers causal LM (Llama, Qwen2, Qwen3, Gemma-3, ...). Full-attention layers
+            are compacted; sliding-window layers (``config.layer_types``) keep their last
+            ``sliding_window`` keys uncompacted, all they can attend to.
         input_ids: ``[B, T]`` context ids (no padding).
         ratio: compression ratio ``T / t`` (``>= 1``; 10.0 keeps 10% of the keys per head), or a
             list of ratios: one prefill (and one set of reference queries) serves all of them.
@@ -173,6 +185,8 @@ def _compact_prefilled(model, kv, qs, suffix, report: CompactionReport, *, budge
     gen = torch.Generator().manual_seed(seed)
     T = kv[0][0].shape[2]
     L = len(kv)
+    types = attention_layer_types(model.config)
+    window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
     plain = [CompactedCacheLayer(k, v, None, T) for k, v in kv]
     out_layers: List[CompactedLayer] = []
     t_queries = t_compact = t_eval = 0.0
@@ -180,6 +194,9 @@ def _compact_prefilled(model, kv, qs, suffix, report: CompactionReport, *, budge
     stats: Dict[str, object] = {}
     for i in _tqdm(range(L), progress, L, f"compacting ({method}, {queries})"):
         t1 = time.perf_counter()
+        if types[i] == "sliding_attention":
+            out_layers.append(_sliding_layer(*kv[i], int(window), T))
+            continue
         if queries == "on_policy" and i > 0:
             cache = CompactedDynamicCache.from_layers(
                 [CompactedCacheLayer.from_compacted(c, T) for c in out_layers] + plain[i:])
