@@ -153,7 +153,7 @@ def test_cache_layer_crop_and_batch_ops():
         CompactedCacheLayer(k, k, None, logical_length=3)
 
 
-def test_attention_rejects_4d_mask_and_sliding_window():
+def test_attention_rejects_4d_mask_and_softcap():
     from cdlm_fast.compaction.hf_attention import cdlm_fast_attention_forward
 
     q = torch.randn(1, 4, 3, 16)
@@ -161,9 +161,27 @@ def test_attention_rejects_4d_mask_and_sliding_window():
     mod = torch.nn.Module()
     with pytest.raises(ValueError, match="2-D"):
         cdlm_fast_attention_forward(mod, q, k, k, torch.ones(1, 1, 3, 3, dtype=torch.bool))
-    mod.sliding_window = 4
-    with pytest.raises(NotImplementedError, match="sliding"):
-        cdlm_fast_attention_forward(mod, q, k, k, None)
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        cdlm_fast_attention_forward(mod, q, k, k, None, softcap=50.0)
+
+
+def test_sliding_window_attention_matches_float64_reference():
+    from cdlm_fast.compaction.hf_attention import cdlm_fast_attention_forward
+
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, Lq, Lk, D, w = 2, 4, 2, 7, 19, 16, 5
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk)))
+    mask = torch.ones(B, Lk, dtype=torch.bool)
+    mask[1, 13] = False  # a padded key inside the window of the later queries
+    mod = torch.nn.Module()
+    mod.sliding_window = w
+    out, _ = cdlm_fast_attention_forward(mod, q, k, v, mask, scaling=0.3)
+    qi = torch.arange(Lk - Lq, Lk)[:, None]
+    kj = torch.arange(Lk)[None]
+    allowed = (kj <= qi) & (qi - kj < w) & mask[:, None, None, :]
+    s = 0.3 * q.double() @ k.double().repeat_interleave(2, 1).mT
+    ref = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v.double().repeat_interleave(2, 1)
+    assert torch.allclose(out.transpose(1, 2).double(), ref, atol=1e-5)
 
 
 def test_repeat_queries_are_post_rope_and_positioned():
