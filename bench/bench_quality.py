@@ -122,10 +122,10 @@ def kvpress_python(venv: str) -> str:
     py = os.path.join(venv, "bin", "python")
     if not os.path.exists(py):
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", venv], check=True)
-    ok = subprocess.run([py, "-c", "import kvpress, transformers; assert transformers.__version__ < '5.3'"],
+    ok = subprocess.run([py, "-c", "import kvpress, gguf, transformers; assert transformers.__version__ < '5.3'"],
                         capture_output=True)
     if ok.returncode != 0:
-        subprocess.run([py, "-m", "pip", "install", "-q", "kvpress==0.5.5", "transformers<5.3"], check=True)
+        subprocess.run([py, "-m", "pip", "install", "-q", "kvpress==0.5.5", "transformers<5.3", "gguf"], check=True)
     return py
 
 
@@ -213,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--variants", default=",".join(AM_VARIANTS), help=f"of {list(AM_VARIANTS)}")
     p.add_argument("--max-queries", type=int, default=4096)
     p.add_argument("--presses", default=",".join(DEFAULT_PRESSES))
-    p.add_argument("--kvpress-venv", default=os.path.join(HERE, ".venv-kvpress"))
+    p.add_argument("--kvpress-venv", default=os.path.expanduser("~/.cache/cdlm_fast/kvpress-0.5.5-venv"))
     p.add_argument("--no-kvpress", action="store_true")
     p.add_argument("--out", default=os.path.join(HERE, "results", "quality"))
     args = p.parse_args(argv)

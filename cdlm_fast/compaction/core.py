@@ -261,9 +261,10 @@ def compact_layer(
     clock("select")
     used = torch.zeros(P, T, dtype=torch.bool, device=dev) if kbp is None else torch.isneginf(kbp)
     used |= _chosen_mask(idx, valid, T)
+    w0 = None
     for rnd in range(MAX_REFILL_ROUNDS + 1):
         C = _gather_keys(Kp, idx)
-        beta, res = fit_beta(Qp, C, lsep, scale, valid, query_weight=qwf)
+        beta, res = fit_beta(Qp, C, lsep, scale, valid, query_weight=qwf, x0=w0)
         _add(stats, "beta_not_converged", int((~res.converged.bool()).sum()))
         dead = valid & torch.isneginf(beta)
         if not bool(dead.any()) or rnd == MAX_REFILL_ROUNDS or bool(used.all()):
@@ -273,6 +274,7 @@ def compact_layer(
         _add(stats, "refill_rounds", 1)
         _add(stats, "slots_refilled", int(dead.sum()))
         idx, valid = refill_slots(idx, valid, dead, used, scores)
+        w0 = torch.exp(beta).masked_fill(dead | ~valid, 0.0)  # warm start: new keys start at 0
     valid = valid & ~(valid & torch.isneginf(beta))
     beta = torch.where(valid, beta, torch.full_like(beta, float("-inf")))
     idx = torch.where(valid, idx, torch.zeros_like(idx))

@@ -18,7 +18,8 @@ __all__ = ["fit_beta", "compacted_lse", "fit_values", "RIDGE_CANDIDATES"]
 
 
 def fit_beta(Q: torch.Tensor, C: torch.Tensor, lse: torch.Tensor, scale: float, valid: torch.Tensor,
-             query_weight: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, object]:
+             query_weight: Optional[torch.Tensor] = None,
+             x0: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, object]:
     """Fit ``beta = log w`` so that the compacted keys reproduce each query's attention mass.
 
     Solves, per problem, ``min_{w >= 0} sum_i (sum_j exp(scale q_i.c_j - lse_i) w_j - 1)^2``
@@ -35,6 +36,7 @@ def fit_beta(Q: torch.Tensor, C: torch.Tensor, lse: torch.Tensor, scale: float, 
         lse: ``[P, N]`` float32 log-mass over the original keys.
         valid: ``[P, t]`` bool, False for padding slots.
         query_weight: optional ``[P, N]`` 0/1 weights (0 excludes a padded query).
+        x0: optional ``[P, t]`` warm start of the NNLS solver (e.g. the previous weights).
 
     Returns:
         ``beta`` ``[P, t]`` float32 (``-inf`` where ``w = 0`` or the slot is padding: such a key
@@ -45,7 +47,7 @@ def fit_beta(Q: torch.Tensor, C: torch.Tensor, lse: torch.Tensor, scale: float, 
     G, R = exp_gram(Q, C.float(), None, shift, scale, None)
     G, h = _mask_problem(G, R[..., 0], valid)
     G, h = G / N, h / N
-    res = nnls_gram(G, h)
+    res = nnls_gram(G, h, x0=None if x0 is None else (x0.float() * valid).clamp(min=0))
     w = res.x.float().clamp(min=0) * valid
     bad = ~res.converged.to(torch.bool)
     if bool(bad.any()):
