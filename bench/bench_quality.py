@@ -35,7 +35,10 @@ TEXT_KINDS = ("prose", "code", "docs", "lists", "recall")
 # name -> compact_layer keyword arguments (the default pipeline first)
 AM_VARIANTS = {
     "am": {},
-    "am_rms_no_window": {"aggregate": "rms", "sinks": 0, "window": 0},
+    "am_rms": {"aggregate": "rms", "sinks": 0, "window": 0},
+    "am_max": {"aggregate": "max", "sinks": 0, "window": 0},
+    "am_rms_window": {"aggregate": "rms", "sinks": 4, "window": 0.1},
+    "am_max_window": {"aggregate": "max", "sinks": 4, "window": 0.1},
     "am_omp_fast": {"method": "omp_fast"},
 }
 DEFAULT_PRESSES = ("SnapKV", "ExpectedAttention", "ObservedAttention", "TOVA", "Knorm", "StreamingLLM", "KVzip",
@@ -210,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--continuation-tokens", type=int, default=256)
     p.add_argument("--ratios", default="5,10,20,50")
     p.add_argument("--texts", default=",".join(TEXT_KINDS))
-    p.add_argument("--variants", default=",".join(AM_VARIANTS), help=f"of {list(AM_VARIANTS)}")
+    p.add_argument("--variants", default="am,am_rms,am_max_window", help=f"of {list(AM_VARIANTS)}")
     p.add_argument("--max-queries", type=int, default=4096)
     p.add_argument("--presses", default=",".join(DEFAULT_PRESSES))
     p.add_argument("--kvpress-venv", default=os.path.expanduser("~/.cache/cdlm_fast/kvpress-0.5.5-venv"))

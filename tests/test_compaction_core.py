@@ -331,3 +331,33 @@ def test_ridge_auto_is_chosen_per_head_and_not_worse_than_ridge_zero():
 def _head(layer, h):
     return CompactedLayer(layer.keys[:, h:h + 1], layer.values[:, h:h + 1], layer.bias[:, h:h + 1],
                           layer.logical_length)
+
+
+def test_global_allocation_gives_sharp_heads_more_keys_at_the_same_total():
+    from cdlm_fast.compaction import compact_kv
+    from cdlm_fast.compaction.core import allocate_counts
+
+    # head 0 of each layer: every query looks at one key of its own (a copying head, all keys
+    # needed); head 1: diffuse attention (a few keys summarise it)
+    g = torch.Generator().manual_seed(18)
+    T, D = 64, 16
+    kv, qs = [], {}
+    for layer in range(2):
+        k = torch.randn(1, 2, T, D, generator=g)
+        k[0, 0] = k[0, 0] / k[0, 0].norm(dim=-1, keepdim=True) * 6
+        k[0, 1] *= 0.2
+        q = torch.randn(1, 2, T, D, generator=g) * 0.2
+        q[0, 0] = k[0, 0] * 2  # query i copies key i
+        kv.append((k, torch.randn(1, 2, T, D, generator=g)))
+        qs[layer] = q
+    counts = allocate_counts(kv, qs, 0.25)
+    c = torch.stack([x[0] for x in counts])  # [L, Hkv]
+    assert int(c.sum()) == 16 * 2 * 2
+    assert bool((c[:, 0] > 2 * c[:, 1]).all()), c
+    comp = compact_kv(kv, qs, 0.25, allocation="global")
+    for layer, cnt in zip(comp.layers, counts):
+        assert torch.equal(layer.counts, cnt) and layer.keys.shape[2] == int(cnt.max())
+    with pytest.raises(ValueError, match="allocation"):
+        compact_kv(kv, qs, 0.25, allocation="greedy")
+    with pytest.raises(ValueError, match="float budget"):
+        compact_kv(kv, qs, 16, allocation="global")

@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .core import METHODS, compact_layer
+from .core import METHODS, allocate_counts, compact_layer
 from .hf_cache import CompactedCacheLayer, CompactedDynamicCache, attention_layer_types
 from .queries import (QUERY_MODES, capture_layer_queries, instruction_ids, prefill_with_queries, subsample)
 from .quality import attention_match_metrics
@@ -69,7 +69,7 @@ def _tqdm(iterable, enabled: bool, total: int, desc: str):
 
 
 def compact_kv(kv, queries: Dict[int, torch.Tensor], budget, method: str = "highest_attention", *,
-               scale: Optional[float] = None, ridge="auto", progress: bool = False,
+               scale: Optional[float] = None, ridge="auto", allocation: str = "uniform", progress: bool = False,
                **kwargs) -> CompactedCache:
     """Compact precomputed per-layer ``(keys, values)`` with fixed reference queries.
 
@@ -77,11 +77,34 @@ def compact_kv(kv, queries: Dict[int, torch.Tensor], budget, method: str = "high
         kv: list over layers of ``(keys [B, Hkv, T, D], values [B, Hkv, T, Dv])``.
         queries: layer -> ``[B, Hq, n, D]`` reference queries.
         budget, method, ridge, kwargs: as :func:`cdlm_fast.compaction.compact_layer`.
+        allocation: ``"uniform"`` (the same budget for every head) or ``"global"`` (a float
+            ``budget`` is the average; per-head counts from :func:`allocate_counts`).
     """
     T = kv[0][0].shape[2]
-    layers = [compact_layer(k, v, queries[i], budget, method, scale=scale, ridge=ridge, logical_length=T, **kwargs)
+    budgets = _budgets(kv, queries, budget, allocation, scale)
+    layers = [compact_layer(k, v, queries[i], budgets[i], method, scale=scale, ridge=ridge, logical_length=T, **kwargs)
               for i, (k, v) in _tqdm(enumerate(kv), progress, len(kv), "compacting layers")]
     return CompactedCache(layers, T)
+
+
+ALLOCATIONS = ("uniform", "global")
+
+
+def _budgets(kv, queries, budget, allocation: str, scale, layers=None) -> list:
+    """Per-layer budgets: ``budget`` everywhere, or global per-head counts over ``layers`` (default all)."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if allocation == "uniform":
+        return [budget] * len(kv)
+    if not isinstance(budget, float):
+        raise ValueError("allocation='global' needs a float budget (the average fraction of keys kept)")
+    layers = list(range(len(kv))) if layers is None else list(layers)
+    counts = allocate_counts([kv[i] for i in layers], {j: queries[i] for j, i in enumerate(layers)}, budget,
+                             scale=scale)
+    out = [budget] * len(kv)
+    for j, i in enumerate(layers):
+        out[i] = counts[j]
+    return out
 
 
 def _scale(model) -> Optional[float]:
@@ -110,7 +133,7 @@ def _check_ratio(ratio) -> None:
 def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: Union[float, Sequence[float]] = 10.0,
                         method: str = "highest_attention", queries: str = "repeat", max_queries: Optional[int] = 4096,
                         holdout: int = 256, tokenizer=None, instruction: Optional[str] = None, ridge="auto",
-                        seed: int = 0, progress: bool = True, return_compacted: bool = False, **kwargs):
+                        allocation: str = "uniform", seed: int = 0, progress: bool = True, return_compacted: bool = False, **kwargs):
     """Prefill ``input_ids``, compact every layer's KV cache by Attention Matching, report quality.
 
     Which queries fit and which evaluate: per layer, the reference queries are split at random
@@ -133,6 +156,11 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: Union[float, S
         tokenizer: used to tokenize the repeat instruction (without it the context is simply
             repeated). instruction: override the instruction text.
         ridge: relative ridge of the value fit, or ``"auto"`` (per head, by held-out error).
+        allocation: ``"uniform"`` (every head keeps ``T / ratio`` keys) or ``"global"`` (the
+            same total, spread over the full-attention layers' heads by a global top-k of the
+            keys' maximum attention from the fit queries; see
+            :func:`cdlm_fast.compaction.core.allocate_counts`). Heads are padded to the
+            largest count of their layer.
         seed: RNG seed of the split / subsampling.
         progress: show a tqdm bar over layers.
         return_compacted: also return the :class:`CompactedCache`.
@@ -173,20 +201,26 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: Union[float, S
         report.times["prefill"] = t_prefill if not results else 0.0
         out = _compact_prefilled(model, kv, qs, suffix, report, budget=1.0 / float(r), method=method,
                                  queries=queries, max_queries=max_queries, holdout=holdout, ridge=ridge,
-                                 seed=seed, scale=scale, progress=progress, **kwargs)
+                                 allocation=allocation, seed=seed, scale=scale, progress=progress, **kwargs)
         cache, compacted = out
         results.append((cache, report, compacted) if return_compacted else (cache, report))
     return results if many else results[0]
 
 
 def _compact_prefilled(model, kv, qs, suffix, report: CompactionReport, *, budget, method, queries, max_queries,
-                       holdout, ridge, seed, scale, progress, **kwargs):
+                       holdout, ridge, allocation, seed, scale, progress, **kwargs):
     """Compact the prefilled ``kv`` layer by layer (fills ``report``): ``(cache, compacted)``."""
     gen = torch.Generator().manual_seed(seed)
     T = kv[0][0].shape[2]
     L = len(kv)
     types = attention_layer_types(model.config)
     window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
+    full = [i for i in range(L) if types[i] == "full_attention"]
+    budgets = [budget] * L
+    if allocation != "uniform":  # the same fit queries as below (same generator sequence)
+        g2 = torch.Generator().manual_seed(seed)
+        fit_q = {i: subsample(qs[i], max_queries, g2, holdout)[0] for i in full}
+        budgets = _budgets(kv, fit_q, budget, allocation, scale, layers=full)
     plain = [CompactedCacheLayer(k, v, None, T) for k, v in kv]
     out_layers: List[CompactedLayer] = []
     t_queries = t_compact = t_eval = 0.0
@@ -208,7 +242,7 @@ def _compact_prefilled(model, kv, qs, suffix, report: CompactionReport, *, budge
         report.heldout_queries = 0 if q_held is None else q_held.shape[2]
         t2 = time.perf_counter()
         k, v = kv[i]
-        layer = compact_layer(k, v, q_fit, budget, method, scale=scale, ridge=ridge, logical_length=T,
+        layer = compact_layer(k, v, q_fit, budgets[i], method, scale=scale, ridge=ridge, logical_length=T,
                               timings=stages, stats=stats, **kwargs)
         t3 = time.perf_counter()
         if q_held is not None:

@@ -39,7 +39,7 @@ from .select import (forced_keys, highest_attention_scores, omp_select, refill_s
                      _gather_keys)
 from .types import CompactedLayer
 
-__all__ = ["METHODS", "resolve_counts", "compact_layer", "reference_outputs"]
+__all__ = ["METHODS", "resolve_counts", "compact_layer", "reference_outputs", "allocate_counts"]
 
 METHODS = ("highest_attention", "omp", "omp_fast")
 AGGREGATES = ("rms", "max", "mean")
@@ -77,6 +77,54 @@ def resolve_counts(budget: Budget, B: int, Hkv: int, T: int, device) -> torch.Te
             raise ValueError("per-head budget counts must be >= 1")
         counts = counts.clamp(max=T)
     return counts.to(device)
+
+
+@torch.no_grad()
+def allocate_counts(kv, queries, budget: float, *, scale: Optional[float] = None, aggregate: str = "max",
+                    min_keys: int = 1, backend: str = "auto") -> list:
+    """Non-uniform per-head budgets at the same total: a global top-k over layers and heads.
+
+    Every key of every (layer, KV head) is scored by the softmax weight the reference queries give
+    it (aggregated by ``aggregate``, the maximum by default, as KVzip does); the
+    ``ceil(budget * T) * Hkv * L`` best keys over the whole model are counted per head. Heads
+    whose keys some query needs (retrieval / induction heads) get large budgets, diffuse heads
+    small ones. Pass the result as ``budget`` of :func:`compact_layer` layer by layer.
+
+    Args:
+        kv: list over layers of ``(keys [B, Hkv, T, D], values [B, Hkv, T, Dv])``.
+        queries: layer index -> ``[B, Hq, n, D]`` reference queries (same keys as ``kv``'s indices).
+        budget: fraction of keys kept on average, in ``(0, 1]``.
+        min_keys: floor of every head's count (its best keys are taken first, inside the total).
+
+    Returns:
+        list over layers of ``[B, Hkv]`` int64 counts (each in ``[min_keys, T]``).
+    """
+    if isinstance(budget, bool) or not isinstance(budget, float) or not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be a float fraction in (0, 1], got {budget!r}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    scores = []
+    for i, (k, v) in enumerate(kv):
+        B, Hkv, T, D = k.shape
+        sc = D ** -0.5 if scale is None else float(scale)
+        _, lse = reference_outputs(k, v, queries[i], scale=sc, backend=backend)
+        lsep = _to_problems(lse, Hkv)
+        qw = torch.isfinite(lsep)
+        lsep = torch.where(qw, lsep, torch.full_like(lsep, 1e30))
+        s_ = highest_attention_scores(_to_problems(queries[i].float(), Hkv), k.reshape(B * Hkv, T, D), lsep, sc,
+                                      reduce=aggregate, query_weight=qw.float())
+        floor = s_.topk(min(max(int(min_keys), 1), T), dim=1).indices  # every head keeps its best min_keys
+        s_ = s_.scatter(1, floor, float("inf"))
+        scores.append(s_.reshape(B, Hkv * T))
+    B, L = scores[0].shape[0], len(kv)
+    T = kv[0][0].shape[2]
+    Hkv = kv[0][0].shape[1]
+    total = min(math.ceil(budget * T) * Hkv * L, Hkv * T * L)
+    flat = torch.cat(scores, 1)  # [B, L * Hkv * T]
+    top = flat.topk(total, dim=1).indices
+    hit = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True)
+    counts = hit.reshape(B, L, Hkv, T).sum(-1)
+    return [counts[:, l].to(torch.int64) for l in range(L)]
 
 
 class _Clock:
