@@ -40,6 +40,8 @@ AM_VARIANTS = {
     "am_rms_window": {"aggregate": "rms", "sinks": 4, "window": 0.1},
     "am_max_window": {"aggregate": "max", "sinks": 4, "window": 0.1},
     "am_omp_fast": {"method": "omp_fast"},
+    "am_global": {"allocation": "global"},
+    "am_global_window": {"allocation": "global", "sinks": 4, "window": 0.1},
 }
 DEFAULT_PRESSES = ("SnapKV", "ExpectedAttention", "ObservedAttention", "TOVA", "Knorm", "StreamingLLM", "KVzip",
                    "CriticalKV(ExpectedAttention)", "CriticalAdaKV(ExpectedAttention)", "ChunkKV(SnapKV)")
