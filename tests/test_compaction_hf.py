@@ -328,3 +328,16 @@ def test_old_transformers_is_refused_with_the_requirement():
     check_transformers_version("6.0.0.dev0")
     with pytest.raises(ImportError, match="transformers>=5.17"):
         check_transformers_version("5.2.0")
+
+
+def test_global_allocation_end_to_end_keeps_the_total():
+    model = tiny_model("qwen3")
+    ids = torch.randint(0, 101, (1, 40))
+    cache, report, comp = compact_model_cache(model, ids, ratio=4, allocation="global", holdout=8, progress=False,
+                                              return_compacted=True)
+    assert report.stats["usable_slots"] == 10 * 2 * 2  # ceil(40 / 4) keys x 2 KV heads x 2 layers
+    assert report.stats["stored_slots"] >= report.stats["usable_slots"]
+    assert sum(int(layer.counts.sum()) for layer in comp.layers) == 40
+    model.set_attn_implementation("cdlm_fast")
+    with torch.no_grad():
+        assert torch.isfinite(model(ids[:, :3], past_key_values=cache).logits).all()

@@ -32,7 +32,9 @@ class CompactionReport:
         stats: counters summed over layers (see ``stats`` of
             :func:`cdlm_fast.compaction.compact_layer`): ``"beta_not_converged"`` NNLS solves
             that used the fallback, ``"refill_rounds"``, ``"slots_refilled"``, ``"dead_slots"``
-            left unusable, ``"ridge_chosen"`` (relative ridge -> number of heads).
+            left unusable, ``"ridge_chosen"`` (relative ridge -> number of heads),
+            ``"usable_slots"`` and ``"stored_slots"`` (slots held in memory, padding included:
+            the memory cost of non-uniform budgets).
         fit_queries, heldout_queries: reference queries per query head and layer used by the
             fit and kept out of it for the metrics (``holdout``); the two sets are disjoint.
         ratio: the compression ratio ``T / t`` asked for.
@@ -244,6 +246,8 @@ def _compact_prefilled(model, kv, qs, suffix, report: CompactionReport, *, budge
         k, v = kv[i]
         layer = compact_layer(k, v, q_fit, budgets[i], method, scale=scale, ridge=ridge, logical_length=T,
                               timings=stages, stats=stats, **kwargs)
+        stats["usable_slots"] = stats.get("usable_slots", 0) + int(layer.counts.sum())
+        stats["stored_slots"] = stats.get("stored_slots", 0) + int(layer.bias.numel())  # incl. padding
         t3 = time.perf_counter()
         if q_held is not None:
             m = attention_match_metrics(k, v, layer, q_held, scale=scale)
