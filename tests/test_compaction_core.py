@@ -8,6 +8,7 @@ import torch
 pytest.importorskip("transformers")  # cdlm_fast.compaction imports it: a missing one skips this file
 from cdlm_fast.compaction import CompactedCache, CompactedLayer, compact_layer, resolve_counts  # noqa: E402
 from cdlm_fast.compaction.quality import attention_match_metrics, keep_highest_attention, keep_recent  # noqa: E402
+from cdlm_fast.compaction.select import highest_attention_scores  # noqa: E402
 from cdlm_fast.reference.attention import attention_reference  # noqa: E402
 
 
@@ -184,7 +185,180 @@ def test_metrics_and_baselines():
     m = attention_match_metrics(k, v, layer, q)
     assert set(m) == {"rel_error", "cosine", "mass_error"}
     assert 0 <= m["rel_error"] < 0.5 and m["cosine"] > 0.8 and math.isfinite(m["mass_error"])
-    rec = keep_recent(k, v, 12)
+    rec = keep_recent(k, v, 12, sinks=0)
     assert torch.equal(rec.keys, k[:, :, -12:]) and torch.equal(rec.bias, torch.zeros(1, 2, 12))
+    sl = keep_recent(k, v, 12)  # StreamingLLM: 4 sinks + the 8 most recent keys
+    assert sl.indices[0, 0].tolist() == [0, 1, 2, 3] + list(range(89, 97))
+    assert torch.equal(sl.keys, k[:, :, sl.indices[0, 0]]) and sl.counts.tolist() == [[12, 12]]
     cc = CompactedCache([layer, rec], 97)
     assert len(cc) == 2 and cc.memory_bytes() > 0 and isinstance(cc[0], CompactedLayer)
+
+
+def _check_indices(k, layer):
+    """Usable slots hold distinct original keys at ``indices``; the others are -1 with bias -inf."""
+    B, Hkv, t, D = layer.keys.shape
+    for b in range(B):
+        for h in range(Hkv):
+            c = int(layer.counts[b, h])
+            ind = layer.indices[b, h]
+            assert (ind[:c] >= 0).all() and (ind[c:] == -1).all()
+            assert len(set(ind[:c].tolist())) == c and ind[:c].tolist() == sorted(ind[:c].tolist())
+            assert torch.equal(layer.keys[b, h, :c], k[b, h, ind[:c]])
+            assert torch.isfinite(layer.bias[b, h, :c]).all() and torch.isneginf(layer.bias[b, h, c:]).all()
+
+
+@pytest.mark.parametrize("method", ["highest_attention", "omp", "omp_fast"])
+def test_every_slot_counts(method):
+    # clustered keys: plain top-t by attention picks near-duplicates, many of which get NNLS weight 0;
+    # their slots must be refilled so that every slot of the budget holds a usable key
+    k, v, q = _structured(B=1, Hkv=2, G=2, T=120, n=90, seed=11)
+    stats = {}
+    layer = compact_layer(k, v, q, 30, method, stats=stats)
+    assert layer.counts.tolist() == [[30, 30]], (layer.counts, stats)
+    assert stats["dead_slots"] == 0
+    _check_indices(k, layer)
+    if method == "highest_attention":
+        assert stats.get("slots_refilled", 0) > 0  # the case does exercise the refill
+
+
+def test_dead_slots_only_when_budget_exceeds_useful_keys():
+    # 6 useful keys; the 34 others score so low that their softmax weight underflows to exactly 0
+    # for every query: with a budget of 20, at most 6 slots can be usable; the rest are reported
+    # by counts and indices (-1) and placed after the usable ones
+    g = torch.Generator().manual_seed(12)
+    D = 16
+    u = torch.ones(D) / D ** 0.5
+    q = torch.randn(1, 2, 60, D, generator=g) * 0.3 + 2 * u
+    k = torch.randn(1, 1, 40, D, generator=g) * 0.5
+    far = torch.arange(40) % 7 != 0  # keys 0, 7, 14, ... stay useful
+    k[0, 0, far] = -400.0 * u
+    v = torch.randn(1, 1, 40, D, generator=g)
+    stats = {}
+    layer = compact_layer(k, v, q, 20, stats=stats)
+    c = int(layer.counts[0, 0])
+    assert 1 <= c <= 6 and stats["dead_slots"] == 20 - c, (c, stats)
+    assert set(layer.indices[0, 0, :c].tolist()) <= {0, 7, 14, 21, 28, 35}
+    _check_indices(k, layer)
+    err, _ = _errors(k, v, layer, q)
+    assert err < 0.05, err
+
+
+def test_sinks_and_window_are_kept_within_budget():
+    k, v, q = _structured(B=2, Hkv=2, T=90, n=60, seed=13)
+    key_mask = torch.ones(2, 90, dtype=torch.bool)
+    key_mask[1, :10] = False  # left padding: sinks are the first *real* keys
+    for method in ("highest_attention", "omp_fast"):
+        layer = compact_layer(k, v, q, 20, method, sinks=3, window=0.25, key_mask=key_mask)
+        assert layer.counts.tolist() == [[20, 20], [20, 20]]
+        for b, first in ((0, 0), (1, 10)):
+            for h in range(2):
+                ind = set(layer.indices[b, h].tolist())
+                assert {first, first + 1, first + 2} <= ind and set(range(85, 90)) <= ind, (b, h, sorted(ind))
+    with pytest.raises(ValueError, match="window"):
+        compact_layer(k, v, q, 20, window=1.5)
+    with pytest.raises(ValueError, match="sinks"):
+        compact_layer(k, v, q, 20, sinks=-1)
+    with pytest.raises(ValueError, match="aggregate"):
+        compact_layer(k, v, q, 20, aggregate="median")
+
+
+def test_max_aggregation_keeps_a_key_only_few_queries_attend():
+    # key 17 takes most of the attention of 1 query out of 2000; 8 "popular" keys take a little
+    # of every query's: RMS over queries ranks them above key 17, the maximum keeps key 17
+    g = torch.Generator().manual_seed(14)
+    D, T, n = 16, 60, 2000
+    u = torch.zeros(D)
+    u[0] = 1.0
+    w = torch.zeros(D)
+    w[1] = 1.0
+    q = torch.randn(1, 1, n, D, generator=g) * 0.2 + 2 * u
+    k = torch.randn(1, 1, T, D, generator=g) * 0.2
+    popular = torch.arange(40, 48)
+    k[0, 0, popular] += 1.5 * u
+    k[0, 0, 17] = 3 * w
+    q[0, 0, 0] = 8 * w
+    s = 16 ** -0.5
+    lse = torch.logsumexp(s * q[0] @ k[0].mT, -1)
+    rank = {r: int((highest_attention_scores(q[0], k[0], lse, s, reduce=r)[0] >
+                    highest_attention_scores(q[0], k[0], lse, s, reduce=r)[0, 17]).sum()) for r in ("rms", "max")}
+    assert rank["max"] == 0 and rank["rms"] >= 8, rank
+
+
+def test_fit_beta_falls_back_when_the_solver_does_not_converge(monkeypatch):
+    from cdlm_fast.compaction import fit as fit_mod
+    from cdlm_fast.ops.solvers import NNLSResult
+
+    k, v, q = _structured(Hkv=1, G=1, T=50, n=40, seed=15)
+    Q, C = q[0].float(), k[0, :, :10].float()
+    lse = torch.logsumexp(16 ** -0.5 * Q @ k[0].float().mT, -1)
+    valid = torch.ones(1, 10, dtype=torch.bool)
+    good, res = fit_mod.fit_beta(Q, C, lse, 16 ** -0.5, valid)
+    assert bool(res.converged.all())
+
+    def broken(G, h, **kw):  # an iterate far from the solution, flagged as not converged
+        x = torch.full_like(h, 1e3)
+        return NNLSResult(x, torch.zeros(h.shape[0], dtype=torch.int64), torch.ones(h.shape[0]),
+                          torch.zeros(h.shape[0], dtype=torch.bool))
+
+    monkeypatch.setattr(fit_mod, "nnls_gram", broken)
+    beta, res = fit_mod.fit_beta(Q, C, lse, 16 ** -0.5, valid)
+    assert int((~res.converged).sum()) == 1
+    # the uniform fallback replaces the bad iterate: finite, and the total mass close to 1
+    assert torch.isfinite(beta).all() and float(beta.std()) < 1e-5
+    A = torch.exp(16 ** -0.5 * Q @ C[0].mT - lse[0][:, None])
+    mass = (A @ beta[0].exp()).mean()
+    assert 0.5 < float(mass) < 2.0
+    stats = {}
+    monkeypatch.setattr("cdlm_fast.compaction.core.fit_beta", fit_mod.fit_beta)
+    compact_layer(k, v, q, 10, stats=stats)
+    assert stats["beta_not_converged"] >= 1
+
+
+def test_ridge_auto_is_chosen_per_head_and_not_worse_than_ridge_zero():
+    # head 0: many queries (ridge 0 is best); head 1: few queries for the slots (ill-posed fit)
+    k, v, q = _structured(B=1, Hkv=2, G=1, T=200, n=400, seed=16)
+    k2, v2, q2 = _structured(B=1, Hkv=2, G=1, T=200, n=400, seed=17)
+    stats = {}
+    auto = compact_layer(k, v, q[:, :, :300], 60, stats=stats)
+    zero = compact_layer(k, v, q[:, :, :300], 60, ridge=0.0)
+    assert sum(stats["ridge_chosen"].values()) == 2
+    held = q[:, :, 300:]
+    e_auto = [_errors(k[:, h:h + 1], v[:, h:h + 1], _head(auto, h), held[:, h:h + 1])[0] for h in range(2)]
+    e_zero = [_errors(k[:, h:h + 1], v[:, h:h + 1], _head(zero, h), held[:, h:h + 1])[0] for h in range(2)]
+    for a, z in zip(e_auto, e_zero):
+        assert a <= 1.02 * z, (e_auto, e_zero)
+
+
+def _head(layer, h):
+    return CompactedLayer(layer.keys[:, h:h + 1], layer.values[:, h:h + 1], layer.bias[:, h:h + 1],
+                          layer.logical_length)
+
+
+def test_global_allocation_gives_sharp_heads_more_keys_at_the_same_total():
+    from cdlm_fast.compaction import compact_kv
+    from cdlm_fast.compaction.core import allocate_counts
+
+    # head 0 of each layer: every query looks at one key of its own (a copying head, all keys
+    # needed); head 1: diffuse attention (a few keys summarise it)
+    g = torch.Generator().manual_seed(18)
+    T, D = 64, 16
+    kv, qs = [], {}
+    for layer in range(2):
+        k = torch.randn(1, 2, T, D, generator=g)
+        k[0, 0] = k[0, 0] / k[0, 0].norm(dim=-1, keepdim=True) * 6
+        k[0, 1] *= 0.2
+        q = torch.randn(1, 2, T, D, generator=g) * 0.2
+        q[0, 0] = k[0, 0] * 2  # query i copies key i
+        kv.append((k, torch.randn(1, 2, T, D, generator=g)))
+        qs[layer] = q
+    counts = allocate_counts(kv, qs, 0.25)
+    c = torch.stack([x[0] for x in counts])  # [L, Hkv]
+    assert int(c.sum()) == 16 * 2 * 2
+    assert bool((c[:, 0] > 2 * c[:, 1]).all()), c
+    comp = compact_kv(kv, qs, 0.25, allocation="global")
+    for layer, cnt in zip(comp.layers, counts):
+        assert torch.equal(layer.counts, cnt) and layer.keys.shape[2] == int(cnt.max())
+    with pytest.raises(ValueError, match="allocation"):
+        compact_kv(kv, qs, 0.25, allocation="greedy")
+    with pytest.raises(ValueError, match="float budget"):
+        compact_kv(kv, qs, 16, allocation="global")

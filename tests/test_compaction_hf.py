@@ -153,7 +153,7 @@ def test_cache_layer_crop_and_batch_ops():
         CompactedCacheLayer(k, k, None, logical_length=3)
 
 
-def test_attention_rejects_4d_mask_and_sliding_window():
+def test_attention_rejects_4d_mask_and_softcap():
     from cdlm_fast.compaction.hf_attention import cdlm_fast_attention_forward
 
     q = torch.randn(1, 4, 3, 16)
@@ -161,9 +161,27 @@ def test_attention_rejects_4d_mask_and_sliding_window():
     mod = torch.nn.Module()
     with pytest.raises(ValueError, match="2-D"):
         cdlm_fast_attention_forward(mod, q, k, k, torch.ones(1, 1, 3, 3, dtype=torch.bool))
-    mod.sliding_window = 4
-    with pytest.raises(NotImplementedError, match="sliding"):
-        cdlm_fast_attention_forward(mod, q, k, k, None)
+    with pytest.raises(NotImplementedError, match="soft-capping"):
+        cdlm_fast_attention_forward(mod, q, k, k, None, softcap=50.0)
+
+
+def test_sliding_window_attention_matches_float64_reference():
+    from cdlm_fast.compaction.hf_attention import cdlm_fast_attention_forward
+
+    g = torch.Generator().manual_seed(3)
+    B, Hq, Hkv, Lq, Lk, D, w = 2, 4, 2, 7, 19, 16, 5
+    q, k, v = (torch.randn(B, h, n, D, generator=g) for h, n in ((Hq, Lq), (Hkv, Lk), (Hkv, Lk)))
+    mask = torch.ones(B, Lk, dtype=torch.bool)
+    mask[1, 13] = False  # a padded key inside the window of the later queries
+    mod = torch.nn.Module()
+    mod.sliding_window = w
+    out, _ = cdlm_fast_attention_forward(mod, q, k, v, mask, scaling=0.3)
+    qi = torch.arange(Lk - Lq, Lk)[:, None]
+    kj = torch.arange(Lk)[None]
+    allowed = (kj <= qi) & (qi - kj < w) & mask[:, None, None, :]
+    s = 0.3 * q.double() @ k.double().repeat_interleave(2, 1).mT
+    ref = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1) @ v.double().repeat_interleave(2, 1)
+    assert torch.allclose(out.transpose(1, 2).double(), ref, atol=1e-5)
 
 
 def test_repeat_queries_are_post_rope_and_positioned():
@@ -214,12 +232,112 @@ def test_compact_model_cache_bad_args():
         compact_model_cache(model, ids.float(), progress=False)
 
 
-def test_sliding_window_models_are_rejected():
-    cfg = transformers.Qwen2Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
-                                   sliding_window=8, max_window_layers=0)
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
-    with pytest.raises(NotImplementedError, match="sliding"):
-        compact_model_cache(model, torch.randint(0, 101, (1, 20)), ratio=2, progress=False)
-    with pytest.raises(NotImplementedError, match="full-attention"):
+def hybrid_model(arch, seed=0):
+    """Tiny random model whose layers alternate sliding-window (window 8) and full attention."""
+    torch.manual_seed(seed)
+    common = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=512, sliding_window=8,
+                  layer_types=["sliding_attention", "full_attention"] * 2)
+    if arch == "gemma3":
+        cfg = transformers.Gemma3TextConfig(**common)
+        return transformers.Gemma3ForCausalLM(cfg).eval()
+    cfg = transformers.Qwen3Config(use_sliding_window=True, **common)
+    return transformers.Qwen3ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3"])
+def test_hybrid_sliding_models_prefill_matches_sdpa(arch):
+    model = hybrid_model(arch)
+    ids = torch.randint(0, 101, (2, 30))
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        ref = model(ids).logits
+        model.set_attn_implementation("cdlm_fast")
+        out = model(ids).logits
+    assert (out - ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "qwen3"])
+def test_hybrid_models_compact_full_layers_only(arch):
+    model = hybrid_model(arch)
+    ids = torch.randint(0, 101, (1, 40))
+    T = 32
+    # a budget that keeps every key: generation matches the uncompacted model
+    cache, report, comp = compact_model_cache(model, ids[:, :T], ratio=1, holdout=0, progress=False,
+                                              return_compacted=True)
+    assert [layer.compacted_length for layer in comp.layers] == [8, 32, 8, 32]  # sliding layers: the window
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        ref = model.generate(ids, max_new_tokens=6, do_sample=False)
+        ref_logits = model(ref).logits[:, T:]
+    model.set_attn_implementation("cdlm_fast")
+    with torch.no_grad():
+        out = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+        cache2 = CompactedDynamicCache.from_compacted(comp, config=model.config)
+        logits = model(ref[:, T:], past_key_values=cache2).logits
+    assert torch.equal(out, ref)
+    assert (logits - ref_logits).abs().max() < 1e-3
+    # a real budget compacts the full-attention layers only
+    _, _, comp4 = compact_model_cache(model, ids[:, :T], ratio=4, holdout=0, progress=False, return_compacted=True)
+    assert [layer.compacted_length for layer in comp4.layers] == [8, 8, 8, 8]
+    assert torch.equal(comp4.layers[0].keys, comp.layers[0].keys) and torch.equal(comp4.layers[0].indices[0, 0],
+                                                                                  torch.arange(24, 32))
+    assert torch.isfinite(comp4.layers[1].bias).all()
+
+
+def test_unsupported_layer_types_are_rejected():
+    cfg = transformers.Qwen3Config(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    cfg.layer_types = ["full_attention", "chunked_attention"]
+    with pytest.raises(NotImplementedError, match="chunked_attention"):
         CompactedDynamicCache(None, config=cfg)
+
+
+def test_several_ratios_from_one_prefill_match_single_calls():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 101, (1, 48))
+    many = compact_model_cache(model, ids, ratio=[2, 6], holdout=8, progress=False, return_compacted=True)
+    assert [r.ratio for _, r, _ in many] == [2.0, 6.0]
+    for (_, rep, comp), r in zip(many, (2, 6)):
+        _, rep1, comp1 = compact_model_cache(model, ids, ratio=r, holdout=8, progress=False, return_compacted=True)
+        assert rep.fit_queries == rep1.fit_queries and rep.heldout_queries == 8
+        for a, b in zip(comp.layers, comp1.layers):
+            assert torch.equal(a.indices, b.indices) and torch.allclose(a.values, b.values, atol=1e-5)
+    assert many[1][2].layers[0].keys.shape[2] == 8
+    assert many[0][1].times["prefill"] > 0 and many[1][1].times["prefill"] == 0
+    with pytest.raises(ValueError, match="ratio"):
+        compact_model_cache(model, ids, ratio=[2, 0.5], progress=False)
+
+
+def test_compacted_cache_without_cdlm_fast_attention_is_a_clear_error():
+    model = tiny_model("qwen3")
+    ids = torch.randint(0, 101, (1, 40))
+    cache, _ = compact_model_cache(model, ids[:, :32], ratio=4, holdout=0, progress=False)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="set_attn_implementation\\('cdlm_fast'\\)"):
+        model(ids[:, 32:], past_key_values=cache)
+    model.set_attn_implementation("cdlm_fast")
+    with torch.no_grad():
+        assert torch.isfinite(model(ids[:, 32:], past_key_values=cache).logits).all()
+
+
+def test_old_transformers_is_refused_with_the_requirement():
+    from cdlm_fast.compaction.hf_attention import check_transformers_version
+
+    check_transformers_version("5.17.0")
+    check_transformers_version("6.0.0.dev0")
+    with pytest.raises(ImportError, match="transformers>=5.17"):
+        check_transformers_version("5.2.0")
+
+
+def test_global_allocation_end_to_end_keeps_the_total():
+    model = tiny_model("qwen3")
+    ids = torch.randint(0, 101, (1, 40))
+    cache, report, comp = compact_model_cache(model, ids, ratio=4, allocation="global", holdout=8, progress=False,
+                                              return_compacted=True)
+    assert report.stats["usable_slots"] == 10 * 2 * 2  # ceil(40 / 4) keys x 2 KV heads x 2 layers
+    assert report.stats["stored_slots"] >= report.stats["usable_slots"]
+    assert sum(int(layer.counts.sum()) for layer in comp.layers) == 40
+    model.set_attn_implementation("cdlm_fast")
+    with torch.no_grad():
+        assert torch.isfinite(model(ids[:, :3], past_key_values=cache).logits).all()

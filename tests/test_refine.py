@@ -58,6 +58,11 @@ def test_refine_keeps_masked_slots_dtypes_and_metadata():
     assert torch.equal(torch.isneginf(out.bias), torch.isneginf(start.bias))
     assert torch.isfinite(out.keys).all() and torch.isfinite(out.values).all()
     assert out.logical_length == 500 and torch.equal(out.counts, start.counts)
+    # a head whose keys moved has no original positions any more; an unmoved head keeps them
+    for h in range(2):
+        moved = not torch.equal(out.keys[0, h], start.keys[0, h])
+        expect = torch.full_like(start.indices[0, h], -1) if moved else start.indices[0, h]
+        assert torch.equal(out.indices[0, h], expect)
 
 
 def test_refine_stops_when_nothing_improves():

@@ -6,7 +6,7 @@ quality report) returning a :class:`CompactedDynamicCache` for ``model.generate`
 ``attn_implementation="cdlm_fast"`` (registered on import).
 """
 from .types import CompactedCache, CompactedLayer  # noqa: F401  (dependency-free; import first)
-from .core import METHODS, compact_layer, resolve_counts  # noqa: E402
+from .core import METHODS, allocate_counts, compact_layer, resolve_counts  # noqa: E402
 from .hf_attention import ATTN_NAME, register  # noqa: E402
 from .hf_cache import CompactedCacheLayer, CompactedDynamicCache  # noqa: E402
 from .api import CompactionReport, compact_kv, compact_model_cache  # noqa: E402
@@ -14,6 +14,6 @@ from .quality import attention_match_metrics, keep_highest_attention, keep_recen
 
 register()
 
-__all__ = ["CompactedLayer", "CompactedCache", "METHODS", "compact_layer", "resolve_counts", "ATTN_NAME", "register",
+__all__ = ["CompactedLayer", "CompactedCache", "METHODS", "compact_layer", "resolve_counts", "allocate_counts", "ATTN_NAME", "register",
            "CompactedCacheLayer", "CompactedDynamicCache", "CompactionReport", "compact_kv", "compact_model_cache",
            "attention_match_metrics", "keep_highest_attention", "keep_recent", "nll_table"]

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .core import METHODS, compact_layer
-from .hf_cache import CompactedCacheLayer, CompactedDynamicCache
+from .core import METHODS, allocate_counts, compact_layer
+from .hf_cache import CompactedCacheLayer, CompactedDynamicCache, attention_layer_types
 from .queries import (QUERY_MODES, capture_layer_queries, instruction_ids, prefill_with_queries, subsample)
 from .quality import attention_match_metrics
 from .types import CompactedCache, CompactedLayer
@@ -29,6 +29,15 @@ class CompactionReport:
         method, queries: the settings used.
         stage_times: seconds inside the compaction per stage (``"reference"`` attention,
             ``"select"``, ``"beta"``, ``"values"``), summed over layers.
+        stats: counters summed over layers (see ``stats`` of
+            :func:`cdlm_fast.compaction.compact_layer`): ``"beta_not_converged"`` NNLS solves
+            that used the fallback, ``"refill_rounds"``, ``"slots_refilled"``, ``"dead_slots"``
+            left unusable, ``"ridge_chosen"`` (relative ridge -> number of heads),
+            ``"usable_slots"`` and ``"stored_slots"`` (slots held in memory, padding included:
+            the memory cost of non-uniform budgets).
+        fit_queries, heldout_queries: reference queries per query head and layer used by the
+            fit and kept out of it for the metrics (``holdout``); the two sets are disjoint.
+        ratio: the compression ratio ``T / t`` asked for.
     """
 
     times: Dict[str, float] = field(default_factory=dict)
@@ -38,6 +47,10 @@ class CompactionReport:
     method: str = ""
     queries: str = ""
     stage_times: Dict[str, float] = field(default_factory=dict)
+    stats: Dict[str, object] = field(default_factory=dict)
+    fit_queries: int = 0
+    heldout_queries: int = 0
+    ratio: float = 0.0
 
     def summary(self) -> str:
         """One-paragraph text summary."""
@@ -58,7 +71,7 @@ def _tqdm(iterable, enabled: bool, total: int, desc: str):
 
 
 def compact_kv(kv, queries: Dict[int, torch.Tensor], budget, method: str = "highest_attention", *,
-               scale: Optional[float] = None, ridge: float = 1e-4, progress: bool = False,
+               scale: Optional[float] = None, ridge="auto", allocation: str = "uniform", progress: bool = False,
                **kwargs) -> CompactedCache:
     """Compact precomputed per-layer ``(keys, values)`` with fixed reference queries.
 
@@ -66,11 +79,34 @@ def compact_kv(kv, queries: Dict[int, torch.Tensor], budget, method: str = "high
         kv: list over layers of ``(keys [B, Hkv, T, D], values [B, Hkv, T, Dv])``.
         queries: layer -> ``[B, Hq, n, D]`` reference queries.
         budget, method, ridge, kwargs: as :func:`cdlm_fast.compaction.compact_layer`.
+        allocation: ``"uniform"`` (the same budget for every head) or ``"global"`` (a float
+            ``budget`` is the average; per-head counts from :func:`allocate_counts`).
     """
     T = kv[0][0].shape[2]
-    layers = [compact_layer(k, v, queries[i], budget, method, scale=scale, ridge=ridge, logical_length=T, **kwargs)
+    budgets = _budgets(kv, queries, budget, allocation, scale)
+    layers = [compact_layer(k, v, queries[i], budgets[i], method, scale=scale, ridge=ridge, logical_length=T, **kwargs)
               for i, (k, v) in _tqdm(enumerate(kv), progress, len(kv), "compacting layers")]
     return CompactedCache(layers, T)
+
+
+ALLOCATIONS = ("uniform", "global")
+
+
+def _budgets(kv, queries, budget, allocation: str, scale, layers=None) -> list:
+    """Per-layer budgets: ``budget`` everywhere, or global per-head counts over ``layers`` (default all)."""
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
+    if allocation == "uniform":
+        return [budget] * len(kv)
+    if not isinstance(budget, float):
+        raise ValueError("allocation='global' needs a float budget (the average fraction of keys kept)")
+    layers = list(range(len(kv))) if layers is None else list(layers)
+    counts = allocate_counts([kv[i] for i in layers], {j: queries[i] for j, i in enumerate(layers)}, budget,
+                             scale=scale)
+    out = [budget] * len(kv)
+    for j, i in enumerate(layers):
+        out[i] = counts[j]
+    return out
 
 
 def _scale(model) -> Optional[float]:
@@ -80,46 +116,79 @@ def _scale(model) -> Optional[float]:
     return None
 
 
+def _sliding_layer(k: torch.Tensor, v: torch.Tensor, window: int, T: int) -> CompactedLayer:
+    """A sliding-window layer's cache, uncompacted: its last ``window`` keys/values ``[B, Hkv, w, D]``."""
+    w = min(window, T)
+    B, Hkv = k.shape[:2]
+    idx = torch.arange(T - w, T, device=k.device)
+    return CompactedLayer(k[:, :, T - w:].contiguous(), v[:, :, T - w:].contiguous(),
+                          torch.zeros(B, Hkv, w, device=k.device), T,
+                          torch.full((B, Hkv), w, dtype=torch.int64, device=k.device), idx.expand(B, Hkv, w).contiguous())
+
+
+def _check_ratio(ratio) -> None:
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1:
+        raise ValueError(f"ratio must be a number >= 1 (T / t) or a list of such numbers, got {ratio!r}")
+
+
 @torch.no_grad()
-def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: float = 10.0, method: str = "highest_attention",
-                        queries: str = "repeat", max_queries: Optional[int] = 4096, holdout: int = 256,
-                        tokenizer=None, instruction: Optional[str] = None, ridge: float = 1e-4,
-                        seed: int = 0, progress: bool = True, return_compacted: bool = False, **kwargs):
+def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: Union[float, Sequence[float]] = 10.0,
+                        method: str = "highest_attention", queries: str = "repeat", max_queries: Optional[int] = 4096,
+                        holdout: int = 256, tokenizer=None, instruction: Optional[str] = None, ridge="auto",
+                        allocation: str = "uniform", seed: int = 0, progress: bool = True, return_compacted: bool = False, **kwargs):
     """Prefill ``input_ids``, compact every layer's KV cache by Attention Matching, report quality.
 
+    Which queries fit and which evaluate: per layer, the reference queries are split at random
+    (``seed``) into ``holdout`` held-out queries, used only for the report's metrics, and at most
+    ``max_queries`` fit queries (the rest), which are the only ones the compaction sees. So
+    ``holdout`` changes the fit (fewer fit queries); ``holdout=0`` fits on all of them and
+    reports no metrics.
+
     Args:
-        model: transformers causal LM with full-attention layers (Llama, Qwen2, Qwen3, ...).
+        model: transformers causal LM (Llama, Qwen2, Qwen3, Gemma-3, ...). Full-attention layers
+            are compacted; sliding-window layers (``config.layer_types``) keep their last
+            ``sliding_window`` keys uncompacted, all they can attend to.
         input_ids: ``[B, T]`` context ids (no padding).
-        ratio: compression ratio ``T / t`` (``>= 1``; 10.0 keeps 10% of the keys per head).
+        ratio: compression ratio ``T / t`` (``>= 1``; 10.0 keeps 10% of the keys per head), or a
+            list of ratios: one prefill (and one set of reference queries) serves all of them.
         method: ``"highest_attention"``, ``"omp"`` or ``"omp_fast"``.
         queries: ``"repeat"`` (repeat-prefill), ``"on_policy"`` or ``"context"``.
-        max_queries: cap on reference queries per layer (random subsample) before GQA stacking.
+        max_queries: cap on fit queries per layer (random subsample) before GQA stacking.
         holdout: queries per layer kept out of the fit for the report's metrics.
         tokenizer: used to tokenize the repeat instruction (without it the context is simply
             repeated). instruction: override the instruction text.
-        ridge: relative ridge of the value fit. seed: RNG seed of the subsampling.
+        ridge: relative ridge of the value fit, or ``"auto"`` (per head, by held-out error).
+        allocation: ``"uniform"`` (every head keeps ``T / ratio`` keys) or ``"global"`` (the
+            same total, spread over the full-attention layers' heads by a global top-k of the
+            keys' maximum attention from the fit queries; see
+            :func:`cdlm_fast.compaction.core.allocate_counts`). Heads are padded to the
+            largest count of their layer.
+        seed: RNG seed of the split / subsampling.
         progress: show a tqdm bar over layers.
         return_compacted: also return the :class:`CompactedCache`.
-        kwargs: passed to :func:`cdlm_fast.compaction.compact_layer`.
+        kwargs: passed to :func:`cdlm_fast.compaction.compact_layer` (e.g. ``aggregate``,
+            ``sinks``, ``window``).
 
     Returns:
         ``(cache, report)``: a :class:`CompactedDynamicCache` ready for
         ``model.generate(..., **cache_kwargs(model, cache))`` with ``"cdlm_fast"`` attention, and a
         :class:`CompactionReport` (plus the :class:`CompactedCache` with ``return_compacted``).
+        With a list of ratios, a list of such tuples in the same order.
     """
     if queries not in QUERY_MODES:
         raise ValueError(f"queries must be one of {QUERY_MODES}, got {queries!r}")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio >= 1:
-        raise ValueError(f"ratio must be a number >= 1 (T / t), got {ratio!r}")
+    many = isinstance(ratio, (list, tuple))
+    ratios = list(ratio) if many else [ratio]
+    if not ratios:
+        raise ValueError("ratio must not be an empty list")
+    for r in ratios:
+        _check_ratio(r)
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise TypeError("input_ids must be an integer tensor of shape [B, T]")
     input_ids = input_ids.to(model.device)
-    report = CompactionReport(method=method, queries=queries, logical_length=input_ids.shape[1])
-    gen = torch.Generator().manual_seed(seed)
     scale = _scale(model)
-    budget = 1.0 / float(ratio)
 
     t0 = time.perf_counter()
     instr = None
@@ -127,16 +196,43 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: float = 10.0, 
         instr = instruction_ids(tokenizer, **({"instruction": instruction} if instruction else {}),
                                 device=input_ids.device)
     kv, qs, suffix = prefill_with_queries(model, input_ids, queries, instr)
-    report.times["prefill"] = time.perf_counter() - t0
+    t_prefill = time.perf_counter() - t0
+    results = []
+    for r in ratios:
+        report = CompactionReport(method=method, queries=queries, logical_length=input_ids.shape[1], ratio=float(r))
+        report.times["prefill"] = t_prefill if not results else 0.0
+        out = _compact_prefilled(model, kv, qs, suffix, report, budget=1.0 / float(r), method=method,
+                                 queries=queries, max_queries=max_queries, holdout=holdout, ridge=ridge,
+                                 allocation=allocation, seed=seed, scale=scale, progress=progress, **kwargs)
+        cache, compacted = out
+        results.append((cache, report, compacted) if return_compacted else (cache, report))
+    return results if many else results[0]
 
-    T = input_ids.shape[1]
+
+def _compact_prefilled(model, kv, qs, suffix, report: CompactionReport, *, budget, method, queries, max_queries,
+                       holdout, ridge, allocation, seed, scale, progress, **kwargs):
+    """Compact the prefilled ``kv`` layer by layer (fills ``report``): ``(cache, compacted)``."""
+    gen = torch.Generator().manual_seed(seed)
+    T = kv[0][0].shape[2]
     L = len(kv)
+    types = attention_layer_types(model.config)
+    window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
+    full = [i for i in range(L) if types[i] == "full_attention"]
+    budgets = [budget] * L
+    if allocation != "uniform":  # the same fit queries as below (same generator sequence)
+        g2 = torch.Generator().manual_seed(seed)
+        fit_q = {i: subsample(qs[i], max_queries, g2, holdout)[0] for i in full}
+        budgets = _budgets(kv, fit_q, budget, allocation, scale, layers=full)
     plain = [CompactedCacheLayer(k, v, None, T) for k, v in kv]
     out_layers: List[CompactedLayer] = []
     t_queries = t_compact = t_eval = 0.0
     stages: Dict[str, float] = {}
+    stats: Dict[str, object] = {}
     for i in _tqdm(range(L), progress, L, f"compacting ({method}, {queries})"):
         t1 = time.perf_counter()
+        if types[i] == "sliding_attention":
+            out_layers.append(_sliding_layer(*kv[i], int(window), T))
+            continue
         if queries == "on_policy" and i > 0:
             cache = CompactedDynamicCache.from_layers(
                 [CompactedCacheLayer.from_compacted(c, T) for c in out_layers] + plain[i:])
@@ -144,10 +240,14 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: float = 10.0, 
         else:
             q_all = qs[i]
         q_fit, q_held = subsample(q_all, max_queries, gen, holdout)
+        report.fit_queries = q_fit.shape[2]
+        report.heldout_queries = 0 if q_held is None else q_held.shape[2]
         t2 = time.perf_counter()
         k, v = kv[i]
-        layer = compact_layer(k, v, q_fit, budget, method, scale=scale, ridge=ridge, logical_length=T,
-                              timings=stages, **kwargs)
+        layer = compact_layer(k, v, q_fit, budgets[i], method, scale=scale, ridge=ridge, logical_length=T,
+                              timings=stages, stats=stats, **kwargs)
+        stats["usable_slots"] = stats.get("usable_slots", 0) + int(layer.counts.sum())
+        stats["stored_slots"] = stats.get("stored_slots", 0) + int(layer.bias.numel())  # incl. padding
         t3 = time.perf_counter()
         if q_held is not None:
             m = attention_match_metrics(k, v, layer, q_held, scale=scale)
@@ -161,7 +261,8 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: float = 10.0, 
     report.times["compaction"] = t_compact
     report.times["evaluation"] = t_eval
     report.stage_times = stages
+    report.stats = stats
     compacted = CompactedCache(out_layers, T)
     report.compacted_length = max(layer.compacted_length for layer in out_layers)
     cache = CompactedDynamicCache.from_compacted(compacted, config=model.config)
-    return (cache, report, compacted) if return_compacted else (cache, report)
+    return cache, compacted

@@ -9,11 +9,16 @@ Pipeline (every KV head of the layer is one problem of a batch, ``P = B * Hkv``)
 
 1. original outputs ``Y`` and log-masses ``lse`` of the reference queries:
    :func:`cdlm_fast.attention` with ``return_lse=True``;
-2. key selection: ``"highest_attention"`` (RMS over queries of the softmax weights, top-t),
-   ``"omp"`` (greedy on the mass residual, one key and one NNLS refit per iteration) or
-   ``"omp_fast"`` (four keys per iteration, refit every second one);
-3. ``beta = log w`` by NNLS on the mass-matching Gram system (``w = 0`` gives ``-inf``);
-4. ``C_v`` by (ridge) least squares on ``X = softmax(q C_k^T * scale + beta)``.
+2. key selection: ``"highest_attention"`` (softmax weights aggregated over queries, by RMS
+   or max, top-t), ``"omp"`` (greedy on the mass residual, one key and one NNLS refit per
+   iteration) or ``"omp_fast"`` (four keys per iteration, refit every second one); optional
+   attention sinks (the first keys) and a window of the most recent keys are always kept,
+   inside the same budget;
+3. ``beta = log w`` by NNLS on the mass-matching Gram system; keys whose weight is 0 are
+   dropped and their slots refilled with the next-best unused keys (by the selection score)
+   until every slot has a positive weight or no candidate is left;
+4. ``C_v`` by (ridge) least squares on ``X = softmax(q C_k^T * scale + beta)``, the ridge
+   chosen per head on a held-out split of the reference queries (``ridge="auto"``).
 
 Everything is computed in float32 and cast to the cache dtype at the end (``bias`` stays
 float32). With GQA the ``G`` query heads sharing a KV head all contribute their reference
@@ -31,12 +36,18 @@ from .. import _validate as V
 from ..ops.attention import attention
 from .fit import fit_beta, fit_values
 from .refine import refine
-from .select import highest_attention_scores, omp_select, top_keys, _gather_keys
+from .select import (forced_keys, highest_attention_scores, omp_select, refill_slots, sort_slots, top_keys,
+                     _gather_keys)
 from .types import CompactedLayer
 
-__all__ = ["METHODS", "resolve_counts", "compact_layer", "reference_outputs"]
+__all__ = ["METHODS", "resolve_counts", "compact_layer", "reference_outputs", "allocate_counts"]
 
 METHODS = ("highest_attention", "omp", "omp_fast")
+AGGREGATES = ("rms", "max", "mean")
+MAX_REFILL_ROUNDS = 8
+# A slot whose NNLS weight is below this fraction of its head's largest weight carries no mass
+# in float32 (its exp-matrix column is round-off) and counts as dead, like an exact zero.
+DEAD_WEIGHT_RTOL = 1e-12
 Budget = Union[int, float, Sequence[int], torch.Tensor]
 
 
@@ -70,6 +81,54 @@ def resolve_counts(budget: Budget, B: int, Hkv: int, T: int, device) -> torch.Te
             raise ValueError("per-head budget counts must be >= 1")
         counts = counts.clamp(max=T)
     return counts.to(device)
+
+
+@torch.no_grad()
+def allocate_counts(kv, queries, budget: float, *, scale: Optional[float] = None, aggregate: str = "max",
+                    min_keys: int = 1, backend: str = "auto") -> list:
+    """Non-uniform per-head budgets at the same total: a global top-k over layers and heads.
+
+    Every key of every (layer, KV head) is scored by the softmax weight the reference queries give
+    it (aggregated by ``aggregate``, the maximum by default, as KVzip does); the
+    ``ceil(budget * T) * Hkv * L`` best keys over the whole model are counted per head. Heads
+    whose keys some query needs (retrieval / induction heads) get large budgets, diffuse heads
+    small ones. Pass the result as ``budget`` of :func:`compact_layer` layer by layer.
+
+    Args:
+        kv: list over layers of ``(keys [B, Hkv, T, D], values [B, Hkv, T, Dv])``.
+        queries: layer index -> ``[B, Hq, n, D]`` reference queries (same keys as ``kv``'s indices).
+        budget: fraction of keys kept on average, in ``(0, 1]``.
+        min_keys: floor of every head's count (its best keys are taken first, inside the total).
+
+    Returns:
+        list over layers of ``[B, Hkv]`` int64 counts (each in ``[min_keys, T]``).
+    """
+    if isinstance(budget, bool) or not isinstance(budget, float) or not 0.0 < budget <= 1.0:
+        raise ValueError(f"budget must be a float fraction in (0, 1], got {budget!r}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    scores = []
+    for i, (k, v) in enumerate(kv):
+        B, Hkv, T, D = k.shape
+        sc = D ** -0.5 if scale is None else float(scale)
+        _, lse = reference_outputs(k, v, queries[i], scale=sc, backend=backend)
+        lsep = _to_problems(lse, Hkv)
+        qw = torch.isfinite(lsep)
+        lsep = torch.where(qw, lsep, torch.full_like(lsep, 1e30))
+        s_ = highest_attention_scores(_to_problems(queries[i].float(), Hkv), k.reshape(B * Hkv, T, D), lsep, sc,
+                                      reduce=aggregate, query_weight=qw.float())
+        floor = s_.topk(min(max(int(min_keys), 1), T), dim=1).indices  # every head keeps its best min_keys
+        s_ = s_.scatter(1, floor, float("inf"))
+        scores.append(s_.reshape(B, Hkv * T))
+    B, L = scores[0].shape[0], len(kv)
+    T = kv[0][0].shape[2]
+    Hkv = kv[0][0].shape[1]
+    total = min(math.ceil(budget * T) * Hkv * L, Hkv * T * L)
+    flat = torch.cat(scores, 1)  # [B, L * Hkv * T]
+    top = flat.topk(total, dim=1).indices
+    hit = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True)
+    counts = hit.reshape(B, L, Hkv, T).sum(-1)
+    return [counts[:, l].to(torch.int64) for l in range(L)]
 
 
 class _Clock:
@@ -113,7 +172,10 @@ def compact_layer(
     scale: Optional[float] = None,
     key_mask: Optional[torch.Tensor] = None,
     query_mask: Optional[torch.Tensor] = None,
-    ridge: float = 1e-4,
+    ridge: Union[float, str] = "auto",
+    aggregate: str = "rms",
+    sinks: int = 0,
+    window: Union[int, float] = 0,
     logical_length: Optional[int] = None,
     omp_keys_per_iter: Optional[int] = None,
     omp_refit_every: Optional[int] = None,
@@ -121,6 +183,7 @@ def compact_layer(
     timings: Optional[dict] = None,
     refine_steps: int = 0,
     refine_lr: float = 1e-2,
+    stats: Optional[dict] = None,
 ) -> CompactedLayer:
     """Compact one layer's KV cache by Attention Matching.
 
@@ -131,25 +194,41 @@ def compact_layer(
         budget: keys kept per KV head: an int ``t``, a float fraction of ``T`` in ``(0, 1]``, or
             per-head counts ``[Hkv]`` / ``[B, Hkv]``. Heads with fewer keys than the largest
             count are padded to it with ``bias = -inf`` slots: those slots cost memory and
-            bandwidth but no accuracy (a varlen consumer may skip them via ``counts``).
+            bandwidth but no accuracy (a varlen consumer may skip them via ``counts``). Every
+            other slot holds a key with a finite ``beta`` unless the head has fewer keys with a
+            positive NNLS weight than its budget.
         method: ``"highest_attention"``, ``"omp"`` or ``"omp_fast"``.
         scale: score scale, default ``D ** -0.5``.
         key_mask: optional ``[B, T]`` bool, False for padding keys (never selected).
         query_mask: optional ``[B, n]`` bool, False for padding queries (ignored by the fits).
-        ridge: relative ridge of the value fit (``lambda = ridge * mean diag(X^T X)``).
+        ridge: relative ridge of the value fit (``lambda = ridge * mean diag(X^T X)``), or
+            ``"auto"``: chosen per KV head on a held-out fifth of the reference queries (see
+            :func:`cdlm_fast.compaction.fit.fit_values`).
+        aggregate: how ``"highest_attention"`` aggregates a key's softmax weights over the
+            queries (``"rms"``, ``"max"``, ``"mean"``); also the ranking of refill candidates.
+        sinks: the first ``sinks`` keys of every head are kept uncompacted (attention sinks).
+        window: the last ``window`` keys are kept uncompacted (an int, or a float in
+            ``[0, 1)``: that fraction of each head's budget). Sinks and window count within
+            the budget and keep their original values with ``beta = 0``; the other keys are
+            compacted so that, together with them, the original attention is reproduced.
         logical_length: ``T`` recorded in the result (default ``keys.shape[2]``).
         omp_keys_per_iter, omp_refit_every: override the OMP schedule (default 1/1 for
             ``"omp"``, 4/2 for ``"omp_fast"``).
         backend: backend of the attention calls.
         timings: optional dict; seconds per stage (``"reference"``, ``"select"``, ``"beta"``,
             ``"values"``, ``"refine"``) are added to it (synchronising the device between stages).
+        stats: optional dict; counters are added to it: ``"beta_not_converged"`` (NNLS solves
+            that hit the fallback), ``"refill_rounds"``, ``"slots_refilled"``, ``"dead_slots"``
+            (slots left without a usable key), ``"ridge_chosen"``.
         refine_steps, refine_lr: when ``refine_steps > 0``, polish the result with at most that
             many Adam steps of learning rate ``refine_lr`` (:func:`cdlm_fast.compaction.refine.refine`,
             early-stopped on held-out reference queries).
 
     Returns:
-        :class:`CompactedLayer` with ``keys``/``values`` ``[B, Hkv, t, D]`` in the cache dtype and
-        ``bias`` ``[B, Hkv, t]`` float32 (``t`` = the largest per-head count).
+        :class:`CompactedLayer` with ``keys``/``values`` ``[B, Hkv, t, D]`` in the cache dtype,
+        ``bias`` ``[B, Hkv, t]`` float32 (``t`` = the largest per-head count), ``counts`` the
+        usable slots per head (first in each head, sorted by position) and ``indices`` the
+        original positions of the kept keys (``-1`` for unusable slots).
     """
     V.tensor("keys", keys, ndim=4, dtypes=V.FLOAT_DTYPES, shape_doc="[B, Hkv, T, D]")
     V.tensor("values", values, ndim=4, dtypes=V.FLOAT_DTYPES, shape_doc="[B, Hkv, T, Dv]")
@@ -173,8 +252,15 @@ def compact_layer(
     if query_mask is not None and (query_mask.dtype != torch.bool or tuple(query_mask.shape) != (B, n)):
         raise ValueError(f"query_mask must be a bool tensor of shape [B={B}, n={n}], got "
                          f"{query_mask.dtype} {tuple(query_mask.shape)}")
-    if not ridge >= 0:
-        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    if not (ridge == "auto" or (isinstance(ridge, (int, float)) and not isinstance(ridge, bool) and ridge >= 0)):
+        raise ValueError(f"ridge must be a float >= 0 or 'auto', got {ridge!r}")
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
+    if isinstance(window, bool) or not isinstance(window, (int, float)) or window < 0 or \
+            (isinstance(window, float) and window >= 1):
+        raise ValueError(f"window must be an int >= 0 or a float fraction of the budget in [0, 1), got {window!r}")
     scale = D ** -0.5 if scale is None else float(scale)
     dev = keys.device
     Hq = queries.shape[1]
@@ -189,44 +275,117 @@ def compact_layer(
         counts = torch.minimum(counts, key_mask.sum(1, keepdim=True).clamp(min=1))
 
     clock = _Clock(timings, dev)
+    P = B * Hkv
+    Kp = keys.reshape(P, T, D)
+    Vp = values.reshape(P, T, values.shape[-1])
+    cp = counts.reshape(-1)
+    kbp = None if kb is None else kb.reshape(P, T)
+    # sinks and recent window: kept uncompacted (original keys and values, beta = 0); the other
+    # keys are compacted to the rest of the budget so that, together with the window, they
+    # reproduce the original attention (exact decomposition of the softmax over disjoint key sets)
+    win = (cp.float() * window).floor().long() if isinstance(window, float) else int(window)
+    forced = forced_keys(cp, T, sinks, win, kbp)
+    n_forced = forced.sum(1)
+    if bool(n_forced.any()):
+        kbp = (torch.zeros(P, T, device=dev) if kbp is None else kbp).masked_fill(forced, float("-inf"))
+        kb = kbp.reshape(B, Hkv, T)
+    c_rest = cp - n_forced
+    t_rest = int(c_rest.max())
+
     Y, lse = reference_outputs(keys, values, queries, scale=scale, key_bias=kb, backend=backend)
     Qp = _to_problems(queries.float(), Hkv)
     Yp = _to_problems(Y, Hkv)
     lsep = _to_problems(lse, Hkv)
     qw = torch.isfinite(lsep)
     if query_mask is not None:
-        qw = qw & query_mask[:, None, None, :].expand(B, Hkv, G, n).reshape(B * Hkv, G * n)
+        qw = qw & query_mask[:, None, None, :].expand(B, Hkv, G, n).reshape(P, G * n)
     qwf = qw.float()
     lsep = torch.where(qw, lsep, torch.full_like(lsep, 1e30))
     clock("reference")
-    Kp = keys.reshape(B * Hkv, T, D)
-    Vp = values.reshape(B * Hkv, T, values.shape[-1])
-    kbp = None if kb is None else kb.reshape(B * Hkv, T)
-    cp = counts.reshape(-1)
 
-    if method == "highest_attention":
-        scores = highest_attention_scores(Qp, Kp, lsep, scale, kbp, query_weight=qwf)
-        idx, valid = top_keys(scores, cp, t)
+    scores = None
+    if t_rest == 0:
+        idx = torch.zeros(P, 0, dtype=torch.int64, device=dev)
+        valid = torch.zeros(P, 0, dtype=torch.bool, device=dev)
+    elif method == "highest_attention":
+        scores = highest_attention_scores(Qp, Kp, lsep, scale, kbp, reduce=aggregate, query_weight=qwf)
+        idx, valid = top_keys(scores, c_rest, t_rest)
     else:
         kpi = omp_keys_per_iter or (1 if method == "omp" else 4)
         rfe = omp_refit_every or (1 if method == "omp" else 2)
-        idx, valid = omp_select(Qp, Kp, lsep, scale, cp, t, kbp, keys_per_iter=kpi, refit_every=rfe,
+        idx, valid = omp_select(Qp, Kp, lsep, scale, c_rest, t_rest, kbp, keys_per_iter=kpi, refit_every=rfe,
                                 query_weight=qwf)
-    C = _gather_keys(Kp, idx)
     clock("select")
-    beta, _ = fit_beta(Qp, C, lsep, scale, valid, query_weight=qwf)
+    used = torch.zeros(P, T, dtype=torch.bool, device=dev) if kbp is None else torch.isneginf(kbp)
+    used |= _chosen_mask(idx, valid, T)
+    w0 = None
+    for rnd in range(MAX_REFILL_ROUNDS + 1):
+        C = _gather_keys(Kp, idx)
+        beta, res = fit_beta(Qp, C, lsep, scale, valid, query_weight=qwf, x0=w0)
+        _add(stats, "beta_not_converged", int((~res.converged.bool()).sum()))
+        dead = _dead_slots(beta, valid)
+        if not bool(dead.any()) or rnd == MAX_REFILL_ROUNDS or bool(used.all()):
+            break
+        if scores is None:
+            scores = highest_attention_scores(Qp, Kp, lsep, scale, kbp, reduce=aggregate, query_weight=qwf)
+        _add(stats, "refill_rounds", 1)
+        _add(stats, "slots_refilled", int(dead.sum()))
+        idx, valid = refill_slots(idx, valid, dead, used, scores)
+        w0 = torch.exp(beta).masked_fill(dead | ~valid, 0.0)  # warm start: new keys start at 0
+    valid = valid & ~_dead_slots(beta, valid)
+    beta = torch.where(valid, beta, torch.full_like(beta, float("-inf")))
+    idx = torch.where(valid, idx, torch.zeros_like(idx))
+    C = _gather_keys(Kp, idx)
     clock("beta")
-    Cv = fit_values(Qp, C, beta, Yp, scale, ridge=ridge, query_weight=qwf, backend=backend)
+    Cv = fit_values(Qp, C, beta, Yp, scale, ridge=ridge, query_weight=qwf, backend=backend, stats=stats)
     clock("values")
+    if bool(n_forced.any()):
+        f_idx, f_valid = top_keys(forced.float(), n_forced, int(n_forced.max()))
+        idx = torch.cat([idx, f_idx], 1)
+        valid = torch.cat([valid, f_valid], 1)
+        beta = torch.cat([beta, torch.zeros_like(f_idx, dtype=beta.dtype).masked_fill(~f_valid, float("-inf"))], 1)
+        Cv = torch.cat([Cv, _gather_keys(Vp, f_idx).float() * f_valid[:, :, None]], 1)
+    if idx.shape[1] < t:
+        pad = t - idx.shape[1]
+        idx = torch.cat([idx, idx.new_zeros(P, pad)], 1)
+        valid = torch.cat([valid, valid.new_zeros(P, pad)], 1)
+        beta = torch.cat([beta, beta.new_full((P, pad), float("-inf"))], 1)
+        Cv = torch.cat([Cv, Cv.new_zeros(P, pad, Cv.shape[-1])], 1)
+    _add(stats, "dead_slots", int((cp - valid.sum(1)).sum()))
+    order = sort_slots(idx, valid)[:, :t]
+    idx, valid, beta = idx.gather(1, order), valid.gather(1, order), beta.gather(1, order)
+    Cv = Cv.gather(1, order[:, :, None].expand(-1, -1, Cv.shape[-1]))
+    idx = torch.where(valid, idx, torch.zeros_like(idx))
+    C = _gather_keys(Kp, idx)
     layer = CompactedLayer(
         keys=C.reshape(B, Hkv, t, D).to(keys.dtype),
         values=Cv.reshape(B, Hkv, t, -1).to(values.dtype),
         bias=beta.reshape(B, Hkv, t).float().contiguous(),
         logical_length=T if logical_length is None else int(logical_length),
         counts=valid.reshape(B, Hkv, t).sum(-1),
+        indices=torch.where(valid, idx, torch.full_like(idx, -1)).reshape(B, Hkv, t),
     )
     if refine_steps:
         layer = refine(layer, keys, values, queries, steps=refine_steps, lr=refine_lr, scale=scale,
                        key_mask=key_mask, query_mask=query_mask, backend=backend)
         clock("refine")
     return layer
+
+
+def _dead_slots(beta: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[P, t]`` bool: valid slots whose weight ``exp(beta)`` is zero or below ``DEAD_WEIGHT_RTOL``
+    times the largest weight of their head."""
+    top = beta.masked_fill(~valid, float("-inf")).amax(1, keepdim=True)
+    return valid & (torch.isneginf(beta) | (beta < top + math.log(DEAD_WEIGHT_RTOL)))
+
+
+def _chosen_mask(idx: torch.Tensor, valid: torch.Tensor, T: int) -> torch.Tensor:
+    """``[P, T]`` bool: keys held by a valid slot."""
+    m = torch.zeros(idx.shape[0], T + 1, dtype=torch.bool, device=idx.device)
+    m.scatter_(1, torch.where(valid, idx, torch.full_like(idx, T)), True)
+    return m[:, :T]
+
+
+def _add(stats: Optional[dict], key: str, value: int) -> None:
+    if stats is not None:
+        stats[key] = stats.get(key, 0) + value

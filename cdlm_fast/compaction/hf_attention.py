@@ -18,8 +18,10 @@ Masks: the registered mask function returns the 2-D boolean padding mask (``[B, 
 over *logical* positions) or ``None``; causality is applied inside the kernel. Padding of the
 compacted part is already folded into its bias (``-inf``). Custom 4-D masks are rejected.
 
-Sliding-window layers (``module.sliding_window`` set) are not supported by this function
-and raise ``NotImplementedError``; compaction leaves such layers untouched.
+Sliding-window layers (``module.sliding_window`` set, e.g. in Gemma-3 or Qwen3 with
+``layer_types``) are computed densely over the last ``sliding_window`` keys (torch, float32
+softmax); their keys must be contiguous token positions ending at the queries, which holds for
+any uncompacted cache layer (compaction leaves sliding layers uncompacted).
 
 Reference-query capture (:func:`capture_queries`) records the post-RoPE queries each layer
 receives, which is how repeat-prefill and on-policy queries are collected.
@@ -142,9 +144,8 @@ def cdlm_fast_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     """
     if dropout and module.training:
         raise NotImplementedError("the 'cdlm_fast' attention is inference-only (dropout must be 0)")
-    if getattr(module, "sliding_window", None) is not None:
-        raise NotImplementedError("the 'cdlm_fast' attention does not implement sliding-window layers; use a "
-                                  "model without sliding-window attention or another attention implementation")
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError("the 'cdlm_fast' attention does not implement attention logit soft-capping")
     capture = _CAPTURE.get()
     if capture is not None:  # may raise StopForward: record before computing
         capture.record(getattr(module, "layer_idx", -1), query)
@@ -153,9 +154,43 @@ def cdlm_fast_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     bias = _key_bias(key, attention_mask, B, Hkv)
     if key.dtype != query.dtype:
         key, value = key.to(query.dtype), value.to(query.dtype)
+    window = getattr(module, "sliding_window", None)
+    if window is not None:
+        return _sliding_window_attention(query, key, value, bias, int(window), scaling), None
     out = attention(query, key, value, bias=bias, block_size=1, q_offset=Lk - Lq, scale=scaling,
                     backend=_BACKEND.get())
     return out.transpose(1, 2).contiguous(), None
+
+
+def _sliding_window_attention(query, key, value, bias, window: int, scaling, chunk: int = 512):
+    """``[B, Lq, Hq, D]`` causal attention limited to the ``window`` most recent keys (``q - k < window``).
+
+    query ``[B, Hq, Lq, D]`` sits at the end of key/value ``[B, Hkv, Lk, D]`` (contiguous positions);
+    bias ``[B, Hkv, Lk]`` float32 or None (padding, ``-inf``). Rows with no visible key give 0.
+    """
+    B, Hq, Lq, D = query.shape
+    Hkv, Lk = key.shape[1], key.shape[2]
+    G = Hq // Hkv
+    scale = D ** -0.5 if scaling is None else float(scaling)
+    off = Lk - Lq
+    outs = []
+    for s in range(0, Lq, chunk):
+        e = min(Lq, s + chunk)
+        k0, k1 = max(0, off + s - window + 1), off + e
+        q = query[:, :, s:e].float()
+        k = key[:, :, k0:k1].float().repeat_interleave(G, 1)
+        v = value[:, :, k0:k1].float().repeat_interleave(G, 1)
+        qi = torch.arange(off + s, off + e, device=query.device)[:, None]
+        kj = torch.arange(k0, k1, device=query.device)[None, :]
+        allowed = (kj <= qi) & (qi - kj < window)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        if bias is not None:
+            scores = scores + bias[:, :, k0:k1].repeat_interleave(G, 1)[:, :, None, :]
+        p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+        outs.append(torch.matmul(p, v))
+    out = torch.cat(outs, dim=2).to(query.dtype)
+    return out.transpose(1, 2).contiguous()
 
 
 def cdlm_fast_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -171,13 +206,29 @@ def cdlm_fast_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int
 
 
 _REGISTERED = False
+# The mask-function signature and the cache-layer API used here exist from this transformers on.
+MIN_TRANSFORMERS = (5, 17)
+
+
+def check_transformers_version(version: str) -> None:
+    """Raise ``ImportError`` naming the requirement when ``version`` is older than 5.17."""
+    import re
+
+    m = re.match(r"(\d+)\.(\d+)", version)
+    if m is None or (int(m.group(1)), int(m.group(2))) < MIN_TRANSFORMERS:
+        raise ImportError(f"cdlm_fast.compaction needs transformers>={MIN_TRANSFORMERS[0]}.{MIN_TRANSFORMERS[1]} "
+                          f"(found {version}); install it with: pip install 'cdlm_fast[hf]' or "
+                          f"pip install 'transformers>={MIN_TRANSFORMERS[0]}.{MIN_TRANSFORMERS[1]}'")
 
 
 def register() -> str:
     """Register ``"cdlm_fast"`` with transformers' attention and mask interfaces; returns the name."""
     global _REGISTERED
     if not _REGISTERED:
+        import transformers
         from transformers import AttentionInterface
+
+        check_transformers_version(transformers.__version__)
         from transformers.masking_utils import AttentionMaskInterface
 
         AttentionInterface.register(ATTN_NAME, cdlm_fast_attention_forward)

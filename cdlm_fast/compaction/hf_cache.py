@@ -21,12 +21,37 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from transformers.cache_utils import DynamicCache, DynamicLayer
+import transformers
 
-from .hf_attention import BIAS_ATTR, SLOTS_ATTR
+from .hf_attention import ATTN_NAME, BIAS_ATTR, SLOTS_ATTR, check_transformers_version
+
+check_transformers_version(transformers.__version__)
+from transformers.cache_utils import DynamicCache, DynamicLayer  # noqa: E402
 from .types import CompactedCache, CompactedLayer
 
-__all__ = ["CompactedCacheLayer", "CompactedDynamicCache"]
+__all__ = ["CompactedCacheLayer", "CompactedDynamicCache", "attention_layer_types"]
+
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def attention_layer_types(config) -> list:
+    """``config``'s decoder layer types (``"full_attention"`` / ``"sliding_attention"``), one per layer.
+
+    From ``layer_types`` when the config has it, else every layer is sliding when the config
+    sets a ``sliding_window`` (and ``use_sliding_window`` is not False), full otherwise. Other
+    layer types (chunked, linear attention, ...) raise ``NotImplementedError``.
+    """
+    text_config = config.get_text_config(decoder=True)
+    types = getattr(text_config, "layer_types", None)
+    if types is None:
+        sliding = getattr(text_config, "sliding_window", None) is not None and \
+            getattr(text_config, "use_sliding_window", True)
+        types = ["sliding_attention" if sliding else "full_attention"] * text_config.num_hidden_layers
+    bad = [i for i, tp in enumerate(types) if tp not in LAYER_TYPES]
+    if bad:
+        raise NotImplementedError(f"layers {bad} are {types[bad[0]]!r} layers; the compacted cache supports "
+                                  f"{' and '.join(LAYER_TYPES)} layers only")
+    return list(types)
 
 
 class CompactedCacheLayer(DynamicLayer):
@@ -136,27 +161,36 @@ class CompactedDynamicCache(DynamicCache):
     Args:
         compacted: optional :class:`CompactedCache` to start from (``layers[l].keys`` etc.
             ``[B, Hkv, t_l, D]``, bias ``[B, Hkv, t_l]``).
-        config: optional model config; used to reject sliding-window layer types.
+        config: optional model config; used to reject layer types other than full and
+            sliding-window attention and, at every
+            ``update``, to check that the model runs the ``"cdlm_fast"`` attention (any other
+            attention ignores the bias and the logical positions of the compacted slots).
     """
 
     def __init__(self, compacted: Optional[CompactedCache] = None, config=None):
+        self._attn_config = None if config is None else config.get_text_config(decoder=True)
         if config is not None:
-            text_config = config.get_text_config(decoder=True)
-            types = getattr(text_config, "layer_types", None)
-            if types is None:
-                sliding = getattr(text_config, "sliding_window", None) is not None and \
-                    getattr(text_config, "use_sliding_window", True)
-                types = ["sliding_attention" if sliding else "full_attention"] * text_config.num_hidden_layers
-            bad = [i for i, tp in enumerate(types) if tp != "full_attention"]
-            if bad:
-                raise NotImplementedError(f"layers {bad} are not full-attention layers ({types[bad[0]]!r}); the compacted "
-                                          "cache supports full-attention layers only")
+            attention_layer_types(config)  # raises on layer types the cache cannot serve
         if compacted is None:
             super().__init__()
             self.layer_class_to_replicate = CompactedCacheLayer
             return
         layers = [CompactedCacheLayer.from_compacted(layer, compacted.logical_length) for layer in compacted.layers]
         super(DynamicCache, self).__init__(layers=layers)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """``DynamicCache.update``, after checking that a compacted layer is read by ``"cdlm_fast"``."""
+        impl = getattr(getattr(self, "_attn_config", None), "_attn_implementation", None)
+        if impl is not None and impl != ATTN_NAME and layer_idx < len(self.layers):
+            layer = self.layers[layer_idx]
+            if isinstance(layer, CompactedCacheLayer) and (
+                    layer.bias is not None or layer.compacted_length != layer.logical_length):
+                raise RuntimeError(
+                    f"this CompactedDynamicCache holds Attention-Matching-compacted layers, which only the "
+                    f"{ATTN_NAME!r} attention can read (per-key bias, logical positions), but the model runs "
+                    f"attn_implementation={impl!r}. Call model.set_attn_implementation({ATTN_NAME!r}) (or run "
+                    f"inside `with cdlm_fast.compaction.queries.use_attention(model):`) first.")
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     @classmethod
     def from_compacted(cls, compacted: CompactedCache, config=None) -> "CompactedDynamicCache":

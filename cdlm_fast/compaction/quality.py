@@ -27,7 +27,7 @@ from .select import highest_attention_scores, top_keys
 from .types import CompactedCache, CompactedLayer
 
 __all__ = ["attention_match_metrics", "keep_highest_attention", "keep_recent", "continuation_nll", "nll_table",
-           "load_text", "load_smollm2", "main"]
+           "load_text", "load_smollm2", "recall_probe", "main"]
 
 
 @torch.no_grad()
@@ -59,7 +59,8 @@ def _layer_from_indices(keys, values, idx, valid, T) -> CompactedLayer:
     kp = _gather_keys(keys.reshape(B * Hkv, -1, D), idx).reshape(B, Hkv, t, D)
     vp = _gather_keys(values.reshape(B * Hkv, -1, values.shape[-1]), idx).reshape(B, Hkv, t, -1)
     bias = torch.zeros(B * Hkv, t, device=keys.device).masked_fill(~valid, float("-inf")).reshape(B, Hkv, t)
-    return CompactedLayer(kp, vp, bias, T, valid.reshape(B, Hkv, t).sum(-1))
+    indices = torch.where(valid, idx, torch.full_like(idx, -1)).reshape(B, Hkv, t)
+    return CompactedLayer(kp, vp, bias, T, valid.reshape(B, Hkv, t).sum(-1), indices)
 
 
 @torch.no_grad()
@@ -79,38 +80,107 @@ def keep_highest_attention(keys: torch.Tensor, values: torch.Tensor, queries: to
     return _layer_from_indices(keys, values, idx, valid, T)
 
 
-def keep_recent(keys: torch.Tensor, values: torch.Tensor, budget) -> CompactedLayer:
-    """Baseline: the most recent ``t`` keys/values of every head, no bias (a sliding window)."""
+def keep_recent(keys: torch.Tensor, values: torch.Tensor, budget, *, sinks: int = 4) -> CompactedLayer:
+    """Baseline (StreamingLLM): the first ``sinks`` keys (attention sinks) and the most recent
+    ``t - sinks`` keys/values of every head, original values, no bias.
+
+    keys/values ``[B, Hkv, T, D]``; ``budget`` as in :func:`cdlm_fast.compaction.compact_layer`
+    (the largest per-head count is used for every head). ``sinks=0`` is a plain sliding window.
+    """
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
     B, Hkv, T, D = keys.shape
     t = int(resolve_counts(budget, B, Hkv, T, keys.device).max())
-    return CompactedLayer(keys[:, :, T - t:].contiguous(), values[:, :, T - t:].contiguous(),
-                          torch.zeros(B, Hkv, t, device=keys.device), T)
+    s = min(sinks, t)
+    idx = torch.cat([torch.arange(s), torch.arange(T - (t - s), T)]).to(keys.device)
+    return CompactedLayer(keys[:, :, idx].contiguous(), values[:, :, idx].contiguous(),
+                          torch.zeros(B, Hkv, t, device=keys.device), T,
+                          torch.full((B, Hkv), t, dtype=torch.int64, device=keys.device),
+                          idx.expand(B, Hkv, t).contiguous())
 
 
 @torch.no_grad()
-def continuation_nll(model, compacted: CompactedCache, continuation_ids: torch.Tensor) -> float:
+def continuation_nll(model, compacted: CompactedCache, continuation_ids: torch.Tensor,
+                     target_mask: Optional[torch.Tensor] = None) -> float:
     """Mean NLL (nats/token) of ``continuation_ids[:, 1:]`` read after the cache.
 
     ``continuation_ids`` ``[B, m]`` are the tokens following the cached context; the cache is
     copied into a fresh :class:`~cdlm_fast.compaction.hf_cache.CompactedDynamicCache`
-    and not modified.
+    and not modified. ``target_mask`` (optional ``[B, m]`` bool) restricts the mean to the
+    tokens where it is True (e.g. the answer tokens of a recall probe; position 0 is never scored).
     """
     from .hf_cache import CompactedDynamicCache
     from .queries import use_attention
 
-    cache = CompactedDynamicCache.from_compacted(compacted)
+    cache = CompactedDynamicCache.from_compacted(compacted, config=model.config)
     T = compacted.logical_length
     ids = continuation_ids.to(model.device)
     mask = torch.ones(ids.shape[0], T + ids.shape[1], dtype=torch.long, device=ids.device)
     with use_attention(model):
         logits = model(input_ids=ids, attention_mask=mask, use_cache=True, **cache_kwargs(model, cache)).logits
     logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    return float(-logp.gather(-1, ids[:, 1:, None]).mean())
+    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+    if target_mask is None:
+        return float(nll.mean())
+    m = target_mask[:, 1:].to(nll.device)
+    return float(nll[m].mean())
 
 
 def load_text(name: str = "coriolanus_act1.txt") -> str:
     """A bundled public-domain text (see ``cdlm_fast/data/SOURCES.md``)."""
     return open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", name), encoding="utf-8").read()
+
+
+FACT_NAMES = ("Alder", "Birch", "Cedar", "Elm", "Hazel", "Juniper", "Maple", "Rowan", "Spruce", "Willow",
+              "Aspen", "Larch")
+
+
+def recall_probe(tokenizer, filler: str, context_tokens: int = 2048, n_facts: int = 8, seed: int = 0):
+    """Facts planted across a context and recalled after it (a long-context QA stand-in).
+
+    ``n_facts`` sentences "The access code for the <Name> room is <5 digits>." are inserted at
+    evenly spaced sentence boundaries of ``filler``'s first tokens, so that the context has
+    ``context_tokens`` tokens; the continuation asks for every code in turn ("The access code
+    for the <Name> room is <digits>.").
+
+    Returns:
+        ``(context_ids [1, context_tokens], continuation_ids [1, m], answer_mask [1, m] bool)``:
+        the answer mask marks the tokens of the recalled digits, for
+        :func:`continuation_nll`'s ``target_mask``.
+    """
+    import random
+
+    if not 1 <= n_facts <= len(FACT_NAMES):
+        raise ValueError(f"n_facts must be in [1, {len(FACT_NAMES)}], got {n_facts}")
+    rng = random.Random(seed)
+    facts = [(FACT_NAMES[i], "".join(rng.choice("0123456789") for _ in range(5))) for i in range(n_facts)]
+    enc = lambda x: tokenizer(x, add_special_tokens=False).input_ids  # noqa: E731
+    fact_ids = [enc(f" The access code for the {n} room is {c}.") for n, c in facts]
+    budget = context_tokens - sum(len(f) for f in fact_ids)
+    fill = enc(filler)[:budget]
+    if len(fill) < budget:
+        raise ValueError(f"the filler text has {len(fill)} tokens, fewer than the {budget} needed")
+    period = set(enc(".") + enc(".\n"))
+    ctx: List[int] = []
+    cuts = [int(budget * (i + 0.5) / n_facts) for i in range(n_facts)]
+    pos = 0
+    for cut, f in zip(cuts, fact_ids):
+        while cut < budget - 1 and fill[cut - 1] not in period:  # next sentence end
+            cut += 1
+        ctx += fill[pos:cut] + f
+        pos = cut
+    ctx += fill[pos:]
+    cont: List[int] = enc("\n\nQuestions about the text above.\n")
+    mask: List[bool] = [False] * len(cont)
+    order = list(range(n_facts))
+    rng.shuffle(order)
+    for i in order:
+        name, code = facts[i]
+        q = enc(f"The access code for the {name} room is")
+        a = enc(f" {code}")
+        cont += q + a + enc(".\n")
+        mask += [False] * len(q) + [True] * len(a) + [False] * len(enc(".\n"))
+    return (torch.tensor([ctx[:context_tokens]]), torch.tensor([cont]), torch.tensor([mask]))
 
 
 def load_smollm2(dtype=torch.float32):
@@ -135,14 +205,15 @@ def load_smollm2(dtype=torch.float32):
 def nll_table(model, tokenizer, text: str, ratios: Sequence[float] = (5, 10, 20, 50), *,
               context_tokens: int = 3000, continuation_tokens: int = 256,
               methods: Sequence[str] = ("highest_attention",), queries: str = "repeat",
-              max_queries: Optional[int] = 4096, ridge: float = 1e-4, progress: bool = True) -> Dict:
+              max_queries: Optional[int] = 1024, ridge="auto", progress: bool = True, **compact_kwargs) -> Dict:
     """Next-token NLL of a held-out continuation: full cache vs compacted caches.
 
     The text is tokenized; the first ``context_tokens`` tokens are cached (and compacted),
     the next ``continuation_tokens`` are scored. For every ratio ``r`` (``t = ceil(T / r)``)
     it evaluates Attention Matching (each method in ``methods``) and, on the same budget,
-    keeping the highest-attention keys without the beta/value refit and keeping the most
-    recent keys.
+    keeping the highest-attention keys without the beta/value refit and StreamingLLM (4 sink
+    tokens and the most recent keys). ``compact_kwargs`` go to
+    :func:`cdlm_fast.compaction.compact_layer` (e.g. ``aggregate``, ``sinks``, ``window``).
 
     Returns:
         ``{"rows": [{"ratio", "t", "full", "am:<method>", "highest_attention_keys", "recent"}],
@@ -173,7 +244,7 @@ def nll_table(model, tokenizer, text: str, ratios: Sequence[float] = (5, 10, 20,
         row = {"ratio": r, "t": math.ceil(T * budget), "full": full_nll}
         for method in methods:
             t1 = time.perf_counter()
-            cc = compact_kv(kv, qs, budget, method, scale=scale, ridge=ridge, progress=progress)
+            cc = compact_kv(kv, qs, budget, method, scale=scale, ridge=ridge, progress=progress, **compact_kwargs)
             times[f"compaction {method} {r}x"] = time.perf_counter() - t1
             row[f"am:{method}"] = continuation_nll(model, cc, cont)
         hk = CompactedCache([keep_highest_attention(k, v, qs[i], budget, scale=scale) for i, (k, v) in enumerate(kv)], T)
@@ -189,7 +260,8 @@ def nll_table(model, tokenizer, text: str, ratios: Sequence[float] = (5, 10, 20,
 
 def _markdown(res: Dict) -> str:
     methods = res["methods"]
-    head = ["ratio", "t"] + [f"AM ({m})" for m in methods] + ["highest-attention keys, no refit", "recent keys"]
+    head = ["ratio", "t"] + [f"AM ({m})" for m in methods] + ["highest-attention keys, no refit",
+                                                             "StreamingLLM (4 sinks + recent)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in res["rows"]:
         vals = [f"{row['ratio']}x", str(row["t"])] + [f"{row[f'am:{m}']:.4f}" for m in methods]
@@ -206,11 +278,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description="Attention Matching quality table on SmolLM2-135M-Instruct (CPU ok)")
     p.add_argument("--out", default=None, help="Markdown file to write")
     p.add_argument("--ratios", default="5,10,20,50")
-    p.add_argument("--context-tokens", type=int, default=3000)
+    p.add_argument("--context-tokens", type=int, default=2048)
     p.add_argument("--continuation-tokens", type=int, default=256)
-    p.add_argument("--methods", default="highest_attention,omp_fast")
+    p.add_argument("--methods", default="highest_attention")
     p.add_argument("--queries", default="repeat", choices=("repeat", "context"))
-    p.add_argument("--max-queries", type=int, default=4096)
+    p.add_argument("--max-queries", type=int, default=1024)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     t0 = time.perf_counter()

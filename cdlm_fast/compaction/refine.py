@@ -95,7 +95,8 @@ def refine(
 
     Returns:
         A new :class:`CompactedLayer` (keys/values in the dtypes of ``layer``, bias float32, same
-        ``logical_length`` and ``counts``) whose per-head held-out loss is at most the start's.
+        ``logical_length`` and ``counts``; ``indices`` -1 on the heads that moved) whose per-head
+        held-out loss is at most the start's.
     """
     V.tensor("keys", keys, ndim=4, dtypes=V.FLOAT_DTYPES, shape_doc="[B, Hkv, T, D]")
     V.tensor("values", values, ndim=4, dtypes=V.FLOAT_DTYPES, shape_doc="[B, Hkv, T, D]")
@@ -135,6 +136,7 @@ def _refine(layer, keys, values, q, steps, lr, scale, mass_weight, holdout, eval
     B, Hkv, T, D = keys.shape
     n = q.shape[2]
     dev = keys.device
+    start_indices = layer.indices
     layer = CompactedLayer(*(t.clone() for t in (layer.keys, layer.values, layer.bias)), layer.logical_length,
                            layer.counts)
     kb = None
@@ -171,6 +173,7 @@ def _refine(layer, keys, values, q, steps, lr, scale, mass_weight, holdout, eval
     with torch.no_grad():
         best = loss_on(1, rounded=True)
     best_k, best_v, best_b = (t.detach().clone() for t in params(rounded=True))
+    moved = torch.zeros_like(best, dtype=torch.bool)  # heads whose parameters left the start
     opt = torch.optim.Adam([ck, cv, bp], lr=lr)
     stale = 0
     for step in range(1, steps + 1):
@@ -189,6 +192,7 @@ def _refine(layer, keys, values, q, steps, lr, scale, mass_weight, holdout, eval
                 best_v = torch.where(better[..., None, None], v, best_v)
                 best_b = torch.where(better[..., None], b, best_b)
                 best = torch.where(better, cur, best)
+                moved |= better
                 stale = 0
             else:
                 stale += 1
@@ -197,5 +201,9 @@ def _refine(layer, keys, values, q, steps, lr, scale, mass_weight, holdout, eval
                             "best": float(best.mean()), "improved": int(better.sum())})
         if stale >= patience:
             break
+    # A refined head's keys are no longer original keys: its slots' indices become -1.
+    indices = None if start_indices is None else torch.where(moved[..., None], torch.full_like(start_indices, -1),
+                                                             start_indices)
     return CompactedLayer(keys=best_k.to(layer.keys.dtype), values=best_v.to(layer.values.dtype),
-                          bias=best_b.float().contiguous(), logical_length=layer.logical_length, counts=layer.counts)
+                          bias=best_b.float().contiguous(), logical_length=layer.logical_length, counts=layer.counts,
+                          indices=indices)

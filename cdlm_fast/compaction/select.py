@@ -21,7 +21,8 @@ import torch
 from ..ops.gram import exp_gram
 from ..ops.solvers import nnls_gram
 
-__all__ = ["softmax_weight_chunks", "highest_attention_scores", "top_keys", "omp_select"]
+__all__ = ["softmax_weight_chunks", "highest_attention_scores", "top_keys", "omp_select", "forced_keys",
+           "refill_slots", "sort_slots"]
 
 
 def _chunk_size(P: int, N: int, budget_elems: int) -> int:
@@ -103,7 +104,8 @@ def _gather_keys(K, idx):
 
 def omp_select(Q, K, lse, scale, counts: torch.Tensor, t: int, key_bias=None, *, keys_per_iter: int = 1,
                refit_every: int = 1, query_weight: Optional[torch.Tensor] = None,
-               max_materialize: int = 1 << 28) -> Tuple[torch.Tensor, torch.Tensor]:
+               max_materialize: int = 1 << 28, forced: Optional[torch.Tensor] = None
+               ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Greedy key selection on the attention-mass residual (orthogonal matching pursuit).
 
     With ``A`` the softmax-weight matrix (``[N, T]`` per problem) and the target mass 1 for
@@ -115,6 +117,8 @@ def omp_select(Q, K, lse, scale, counts: torch.Tensor, t: int, key_bias=None, *,
 
     ``A`` is kept in memory when ``P * N * T <= max_materialize`` and recomputed in chunks
     otherwise. Problems with ``counts[p] < t`` keep the first ``counts[p]`` keys they picked.
+    ``forced`` (optional ``[P, T]`` bool, at most ``counts[p]`` per problem) are picked in the
+    first iteration, before any greedy choice.
 
     Returns ``idx`` ``[P, t]`` and ``valid`` ``[P, t]`` as :func:`top_keys`.
     """
@@ -146,6 +150,9 @@ def omp_select(Q, K, lse, scale, counts: torch.Tensor, t: int, key_bias=None, *,
     while chosen.shape[1] < t_eff:
         corr = correlate(r).masked_fill(blocked, float("-inf"))
         k = min(keys_per_iter, t_eff - chosen.shape[1])
+        if it == 0 and forced is not None and bool(forced.any()):
+            corr = corr.masked_fill(forced & ~blocked, float("inf"))
+            k = min(t_eff, max(k, int(forced.sum(1).max())))
         new = corr.topk(k, dim=1).indices
         blocked.scatter_(1, new, True)
         chosen = torch.cat([chosen, new], 1)
@@ -165,6 +172,51 @@ def omp_select(Q, K, lse, scale, counts: torch.Tensor, t: int, key_bias=None, *,
     rank = torch.arange(chosen.shape[1], device=dev)[None, :]
     valid = (rank < counts[:, None]) & (rank < n_real[:, None])
     return _sort_and_pad(chosen, valid, t)
+
+
+def forced_keys(counts: torch.Tensor, T: int, sinks: int = 0, window=0,
+                key_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[P, T]`` bool: the first ``sinks`` and the last ``window`` real keys of every problem.
+
+    ``window`` is an int or ``[P]`` int64 per-problem window lengths.
+
+    ``counts`` ``[P]`` caps them per problem (sinks first, then the window); keys with
+    ``key_bias = -inf`` (padding) are not real and never forced.
+    """
+    P = counts.shape[0]
+    dev = counts.device
+    real = torch.ones(P, T, dtype=torch.bool, device=dev) if key_bias is None else ~torch.isneginf(key_bias)
+    pos = real.long().cumsum(1) - 1
+    n_real = real.sum(1, keepdim=True)
+    s = counts.clamp(max=int(sinks))[:, None]
+    win = torch.as_tensor(window, device=dev).reshape(-1, 1)
+    w = torch.minimum((counts[:, None] - s).clamp(min=0), win)
+    return real & ((pos < s) | (pos >= n_real - w))
+
+
+def refill_slots(idx: torch.Tensor, valid: torch.Tensor, dead: torch.Tensor, used: torch.Tensor,
+                 scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Put the best unused keys (by ``scores``) into the ``dead`` slots.
+
+    ``idx``/``valid``/``dead`` ``[P, t]``; ``used`` ``[P, T]`` bool (keys already tried or
+    never allowed, updated in place); ``scores`` ``[P, T]``. A dead slot left without a candidate
+    becomes invalid. Returns the new ``(idx, valid)``.
+    """
+    idx, valid = idx.clone(), valid.clone()
+    order = scores.argsort(dim=1, descending=True)
+    for p in dead.any(1).nonzero()[:, 0].tolist():
+        slots = dead[p].nonzero()[:, 0]
+        cand = order[p][~used[p][order[p]]][:slots.numel()]
+        idx[p, slots[:cand.numel()]] = cand
+        used[p, cand] = True
+        valid[p, slots[cand.numel():]] = False
+    return idx, valid
+
+
+def sort_slots(idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Permutation ``[P, t]`` putting valid slots first, by key position, invalid slots last."""
+    big = torch.iinfo(torch.int64).max
+    return torch.where(valid, idx, torch.full_like(idx, big)).argsort(dim=1)
 
 
 def _masked_shift(lse, qw):

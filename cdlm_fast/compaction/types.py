@@ -35,7 +35,10 @@ class CompactedLayer:
             different budgets: every head is padded to the largest budget ``t``).
         logical_length: ``T``, the number of original tokens this layer stands for (the RoPE
             position of the next token). ``None`` when the layer was left uncompacted.
-        counts: optional ``[B, Hkv]`` int64 number of real (non-padding) slots per head.
+        counts: optional ``[B, Hkv]`` int64 number of usable slots per head (finite ``bias``);
+            the usable slots come first, the ``-inf`` ones (if any) after them.
+        indices: optional ``[B, Hkv, t]`` int64 original position (``0..T-1``) of the key in each
+            slot, ``-1`` where the slot is not an original key (padding or a synthetic key).
     """
 
     keys: torch.Tensor
@@ -43,6 +46,7 @@ class CompactedLayer:
     bias: torch.Tensor
     logical_length: Optional[int] = None
     counts: Optional[torch.Tensor] = None
+    indices: Optional[torch.Tensor] = None
 
     @property
     def compacted_length(self) -> int:
@@ -55,7 +59,8 @@ class CompactedLayer:
         values = self.values.to(*args, **kwargs)
         bias = self.bias.to(device=keys.device)
         counts = None if self.counts is None else self.counts.to(device=keys.device)
-        return CompactedLayer(keys, values, bias, self.logical_length, counts)
+        indices = None if self.indices is None else self.indices.to(device=keys.device)
+        return CompactedLayer(keys, values, bias, self.logical_length, counts, indices)
 
 
 @dataclass
