@@ -602,6 +602,16 @@ class BlockCausalStudent:
         Returns:
             float32 logits ``[B, len(positions), V]`` of those *positions* (no alignment applied).
         """
+        hidden = self.sequence_hidden(ids, prompt_mask, block_size=block_size)
+        if logits_positions is not None:
+            hidden = hidden[:, logits_positions]
+        return self._logits(hidden)
+
+    def sequence_hidden(self, ids: torch.Tensor, prompt_mask: torch.Tensor, *,
+                        block_size: Optional[int]) -> torch.Tensor:
+        """Final hidden states ``[B, P + n, hidden]`` of a whole sequence without a cache, with
+        autograd (:meth:`full_forward` runs it under ``no_grad``; :mod:`cdlm_fast.training` trains
+        through it). Arguments as in :meth:`full_forward`."""
         self._check_ids("ids", ids)
         b, total = ids.shape
         p = prompt_mask.shape[1]
@@ -616,10 +626,7 @@ class BlockCausalStudent:
         def attend(i, q, k, v):
             return self._attention(q, k, v, bias, prefix_t, block_size, 0, sdpa_mask)
 
-        hidden = self._layers(ids, cos, sin, attend)
-        if logits_positions is not None:
-            hidden = hidden[:, logits_positions]
-        return self._logits(hidden)
+        return self._layers(ids, cos, sin, attend)
 
 
 def load_student(path_or_model, *, base=None, dtype=None, device=None, merge_adapter: bool = False,

@@ -1,8 +1,8 @@
 """Training a :class:`~cdlm_fast.student.BlockCausalStudent` through the fused attention op.
 
 :func:`student_logits` is the student's whole-sequence forward with autograd (the same layers,
-RoPE positions and block-causal mask as :meth:`BlockCausalStudent.full_forward`, which runs under
-``no_grad`` for decoding). Its attention is :func:`cdlm_fast.attention`, which is differentiable
+RoPE positions and block-causal mask as :meth:`BlockCausalStudent.full_forward`, which runs
+:meth:`BlockCausalStudent.sequence_hidden` under ``no_grad`` for decoding). Its attention is :func:`cdlm_fast.attention`, which is differentiable
 (:mod:`cdlm_fast.ops.attention_grad`), so block-causal post-training runs on the package's own
 kernels. :func:`masked_diffusion_loss` is the masked-diffusion objective: mask a random fraction
 of the generated tokens, predict them under the block-causal mask, cross-entropy on the masked
@@ -31,19 +31,7 @@ def student_logits(student: BlockCausalStudent, ids: torch.Tensor, prompt_mask: 
     if not torch.is_tensor(prompt_mask) or prompt_mask.dim() != 2 or prompt_mask.shape[0] != ids.shape[0] \
             or prompt_mask.shape[1] > ids.shape[1]:
         raise ValueError(f"prompt_mask must be a [B={ids.shape[0]}, P <= {ids.shape[1]}] 0/1 tensor")
-    b, total = ids.shape
-    p = prompt_mask.shape[1]
-    prompt_mask = prompt_mask.to(ids.device).bool()
-    cos, sin = student.rope(student.sequence_positions(prompt_mask, total - p))
-    bias = torch.zeros(b, student.num_kv_heads, total, dtype=torch.float32, device=ids.device)
-    bias[:, :, :p].masked_fill_(~prompt_mask.view(b, 1, p), float("-inf"))
-    prefix_t = torch.full((b,), p, dtype=torch.int32, device=ids.device)
-    sdpa_mask = student._sdpa_mask(bias, prefix_t, block_size, 0, total, total)
-
-    def attend(i, q, k, v):
-        return student._attention(q, k, v, bias, prefix_t, block_size, 0, sdpa_mask)
-
-    logits = student.lm_head(student._layers(ids, cos, sin, attend))
+    logits = student.lm_head(student.sequence_hidden(ids, prompt_mask, block_size=block_size))
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
