@@ -4,8 +4,8 @@ Run (about 10 minutes on a 2-core x86 CPU; ``--quick``: about 2)::
 
     python bench/cpu_report.py [--quick] [--sections attention,prefill,compaction,decode] [--out FILE]
 
-Sections (every comparison interleaves the implementations round by round, so that machine noise
-hits both alike; each time is the best of ``--rounds`` medians):
+Sections (every comparison calls the implementations in turn, call by call, so that a slow spell
+of a shared machine hits all of them alike; each time is the median over all calls):
 
 * ``attention``: :func:`cdlm_fast.attention` (with ``return_lse=True``) against
   ``F.scaled_dot_product_attention`` with a materialised float mask (beta + the block-causal mask,
@@ -33,6 +33,7 @@ import argparse
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -48,25 +49,19 @@ SHAPES = {"smollm2": (9, 3, 64), "llama3.1-8b": (32, 8, 128)}
 BLOCK = 32
 
 
-def _median_time(fn, reps):
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
-
-
 def interleaved(impls, rounds, reps, warmup=True):
-    """``{name: seconds}``: best over ``rounds`` of the median of ``reps`` calls, impls alternating."""
-    for fn in impls.values():
-        if warmup:
+    """``{name: seconds}``: the median over ``rounds * reps`` calls of each impl, the impls called in
+    turn, call by call, so that a slow spell of a shared machine falls on all of them alike."""
+    if warmup:
+        for fn in impls.values():
             fn()
-    best = {name: math.inf for name in impls}
-    for _ in range(rounds):
+    times = {name: [] for name in impls}
+    for _ in range(rounds * reps):
         for name, fn in impls.items():
-            best[name] = min(best[name], _median_time(fn, reps))
-    return best
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def attention_rows(rounds, quick):

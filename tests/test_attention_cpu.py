@@ -29,6 +29,7 @@ CASES = {
     "empty-rows": (2, 4, 2, 12, 40, 64, 8, 4, 28, [0, 36], "randn"),
     "all-keys-dropped": (1, 2, 1, 5, 40, 64, 0, None, 0, None, "all-inf"),
     "prefix-rows-dropped": (1, 2, 1, 40, 40, 16, 10, 1, 0, None, "head-inf"),
+    "decode-one-kv-head-dropped": (2, 6, 2, 8, 64, 32, 32, 8, 56, None, "kvhead-inf"),
 }
 TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-4),
        torch.float16: (5e-3, 1e-4)}
@@ -49,6 +50,8 @@ def _inputs(case, dtype, seed=0):
             bias[torch.rand(b, hkv, lk, generator=g) < 0.1] = -math.inf
         elif kind == "all-inf":
             bias.fill_(-math.inf)
+        elif kind == "kvhead-inf":  # every key of KV head 1 of sample 0 dropped (GQA: 3 query heads)
+            bias[0, 1] = -math.inf
         elif kind == "head-inf":  # the first 12 keys dropped: the first queries see nothing
             bias[:, :, :12] = -math.inf
     prefix_t = torch.tensor(prefix if isinstance(prefix, list) else [prefix] * b)

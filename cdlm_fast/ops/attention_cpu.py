@@ -135,15 +135,14 @@ def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opt
         return (torch.zeros(B, Hq, Lq, D, dtype=q.dtype, device=q.device),
                 torch.full((B, Hq, Lq), float("-inf"), dtype=cdt, device=q.device))
     G = Hq // Hkv
-    bias_c = None if bias is None else bias.to(cdt)
+    bias_c = bias if bias is None or bias.dtype == cdt else bias.to(cdt)
+    shared = _shared_limit(prefix_len, kv_lens, block_size, q_offset, Lq, Lk)
+    if shared is not None:  # every row sees keys [0, shared): one call, no limits tensor
+        return _shared(q, k, v, bias_c, shared, scale, cdt)
     cnt = None
     if bias_c is not None and not bool(torch.isfinite(bias_c).all()):
         cnt = torch.nn.functional.pad(torch.isfinite(bias_c).to(torch.int32).cumsum(-1), (1, 0)).to(torch.int64)
     q5 = q.reshape(B, Hkv, G, Lq, D)
-    shared = _shared_limit(prefix_len, kv_lens, block_size, q_offset, Lq, Lk)
-    if shared is not None:  # every row sees keys [0, shared): one call, no limits tensor
-        o, l = _tile(q5, k, v, bias_c, cnt, None, 0, Lq, shared, shared, scale, cdt)
-        return o.reshape(B, Hq, Lq, D).to(q.dtype), l.reshape(B, Hq, Lq)
     limits = key_limits(prefix_len, block_size, q_offset, Lq, Lk, kv_lens)  # [B, Lq], non-decreasing in i
     lo_t, hi_t = limits.amin(0), limits.amax(0)
     if Lq > 1 and bool((limits == torch.arange(q_offset + 1, q_offset + Lq + 1, device=limits.device)).all()):
@@ -175,6 +174,32 @@ def _shared_limit(prefix_len, kv_lens, block_size, q_offset, lq, lk) -> Optional
 
     ends = {limit(p, c, q_offset + i) for p, c in zip(prefixes, caps) for i in (0, lq - 1)}
     return ends.pop() if len(ends) == 1 else None
+
+
+def _shared(q, k, v, bias_c, lim, scale, cdt):
+    """Every query sees keys ``[0, lim)`` (a decode block on the block grid, a bidirectional call):
+    one kernel call, the ``G`` query heads of a KV head folded into its rows (K/V read once per KV
+    head) and the bias read as a ``[B, Hkv, 1, lim]`` view broadcast over the rows: no tensor is
+    built besides the outputs. Heads whose bias is ``-inf`` on every key get ``lse = -inf`` (the
+    kernel gives them zeros and ``lse = 0``, so the bias is scanned only when some ``lse == 0``)."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    G = Hq // Hkv
+    if lim == 0:
+        return (torch.zeros(B, Hq, Lq, D, dtype=q.dtype, device=q.device),
+                torch.full((B, Hq, Lq), float("-inf"), dtype=cdt, device=q.device))
+    if lim < Lk:
+        k, v = k[:, :, :lim], v[:, :, :lim]
+        bias_c = None if bias_c is None else bias_c[:, :, :lim]
+    mask = None if bias_c is None else bias_c.unsqueeze(2)  # [B, Hkv, 1, lim]
+    out, lse = _part(q.reshape(B, Hkv, G * Lq, D), k, v, mask, scale, cdt)
+    out, lse = out.view(B, Hq, Lq, D), lse.reshape(B, Hq, Lq)
+    if lse.dtype != cdt:
+        lse = lse.to(cdt)
+    if bias_c is not None and not bool(lse.all()):  # some lse == 0: check for heads with no key
+        dead = (bias_c.amax(-1) == float("-inf")).repeat_interleave(G, dim=1)  # [B, Hq]: sees no key
+        lse = lse.masked_fill(dead[:, :, None], float("-inf"))
+    return (out if out.dtype == q.dtype else out.to(q.dtype)), lse
 
 
 def _causal(q, k, v, bias_c, cnt, limits, q_offset, scale, cdt):
