@@ -42,6 +42,9 @@ AM_VARIANTS = {
     "am_omp_fast": {"method": "omp_fast"},
     "am_global": {"allocation": "global"},
     "am_global_window": {"allocation": "global", "sinks": 4, "window": 0.1},
+    "am_mixed": {"allocation": "mixed"},
+    "am_mixed_max": {"allocation": "mixed", "aggregate": "max"},
+    "am_mixed_window": {"allocation": "mixed", "sinks": 4, "window": 0.1},
 }
 DEFAULT_PRESSES = ("SnapKV", "ExpectedAttention", "ObservedAttention", "TOVA", "Knorm", "StreamingLLM", "KVzip",
                    "CriticalKV(ExpectedAttention)", "CriticalAdaKV(ExpectedAttention)", "ChunkKV(SnapKV)")

@@ -1,6 +1,8 @@
 """One-call compaction of a transformers model's KV cache: :func:`compact_model_cache`."""
 from __future__ import annotations
 
+import math
+
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
@@ -79,8 +81,9 @@ def compact_kv(kv, queries: Dict[int, torch.Tensor], budget, method: str = "high
         kv: list over layers of ``(keys [B, Hkv, T, D], values [B, Hkv, T, Dv])``.
         queries: layer -> ``[B, Hq, n, D]`` reference queries.
         budget, method, ridge, kwargs: as :func:`cdlm_fast.compaction.compact_layer`.
-        allocation: ``"uniform"`` (the same budget for every head) or ``"global"`` (a float
-            ``budget`` is the average; per-head counts from :func:`allocate_counts`).
+        allocation: ``"uniform"`` (the same budget for every head), ``"global"`` (a float
+            ``budget`` is the average; per-head counts from :func:`allocate_counts`) or ``"mixed"``
+            (as global, but every head keeps at least ``MIXED_FLOOR`` of the uniform budget).
     """
     T = kv[0][0].shape[2]
     budgets = _budgets(kv, queries, budget, allocation, scale)
@@ -89,7 +92,10 @@ def compact_kv(kv, queries: Dict[int, torch.Tensor], budget, method: str = "high
     return CompactedCache(layers, T)
 
 
-ALLOCATIONS = ("uniform", "global")
+ALLOCATIONS = ("uniform", "global", "mixed")
+# allocation="mixed": every head keeps at least this share of the uniform budget; the rest of the
+# total is spread by the global top-k (see :func:`_budgets`).
+MIXED_FLOOR = 0.5
 
 
 def _budgets(kv, queries, budget, allocation: str, scale, layers=None) -> list:
@@ -99,10 +105,13 @@ def _budgets(kv, queries, budget, allocation: str, scale, layers=None) -> list:
     if allocation == "uniform":
         return [budget] * len(kv)
     if not isinstance(budget, float):
-        raise ValueError("allocation='global' needs a float budget (the average fraction of keys kept)")
+        raise ValueError(f"allocation={allocation!r} needs a float budget (the average fraction of keys kept)")
     layers = list(range(len(kv))) if layers is None else list(layers)
+    floor = 1
+    if allocation == "mixed":
+        floor = max(1, int(MIXED_FLOOR * math.ceil(budget * kv[0][0].shape[2])))
     counts = allocate_counts([kv[i] for i in layers], {j: queries[i] for j, i in enumerate(layers)}, budget,
-                             scale=scale)
+                             scale=scale, min_keys=floor)
     out = [budget] * len(kv)
     for j, i in enumerate(layers):
         out[i] = counts[j]
@@ -158,11 +167,12 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: Union[float, S
         tokenizer: used to tokenize the repeat instruction (without it the context is simply
             repeated). instruction: override the instruction text.
         ridge: relative ridge of the value fit, or ``"auto"`` (per head, by held-out error).
-        allocation: ``"uniform"`` (every head keeps ``T / ratio`` keys) or ``"global"`` (the
+        allocation: ``"uniform"`` (every head keeps ``T / ratio`` keys), ``"global"`` (the
             same total, spread over the full-attention layers' heads by a global top-k of the
             keys' maximum attention from the fit queries; see
-            :func:`cdlm_fast.compaction.core.allocate_counts`). Heads are padded to the
-            largest count of their layer.
+            :func:`cdlm_fast.compaction.core.allocate_counts`) or ``"mixed"`` (global, with
+            every head keeping at least ``MIXED_FLOOR`` = half of the uniform count). Heads are
+            padded to the largest count of their layer.
         seed: RNG seed of the split / subsampling.
         progress: show a tqdm bar over layers.
         return_compacted: also return the :class:`CompactedCache`.

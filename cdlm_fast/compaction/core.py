@@ -34,7 +34,7 @@ import torch
 
 from .. import _validate as V
 from ..ops.attention import attention
-from .fit import fit_beta, fit_values
+from .fit import MassGram, fit_beta, fit_values
 from .refine import refine
 from .select import (forced_keys, highest_attention_scores, omp_select, refill_slots, sort_slots, top_keys,
                      _gather_keys)
@@ -319,10 +319,27 @@ def compact_layer(
     used = torch.zeros(P, T, dtype=torch.bool, device=dev) if kbp is None else torch.isneginf(kbp)
     used |= _chosen_mask(idx, valid, T)
     w0 = None
+    # on the CPU the mass fit's Gram system is kept and updated column-wise across refill rounds
+    # (exp_gram's fused kernels on a GPU recompute it: cheaper than holding A there)
+    gram, prev = None, None
+    keep_gram = Kp.device.type == "cpu" and MassGram.fits(P, Qp.shape[1], idx.shape[1])
     for rnd in range(MAX_REFILL_ROUNDS + 1):
         C = _gather_keys(Kp, idx)
-        beta, res = fit_beta(Qp, C, lsep, scale, valid, query_weight=qwf, x0=w0)
-        _add(stats, "beta_not_converged", int((~res.converged.bool()).sum()))
+        if not keep_gram:
+            beta, res = fit_beta(Qp, C, lsep, scale, valid, query_weight=qwf, x0=w0)
+            _add(stats, "beta_not_converged", int((~res.converged.bool()).sum()))
+        elif gram is None:
+            gram = MassGram(Qp, C, lsep, scale, query_weight=qwf)
+            beta, res = gram.solve(valid, x0=w0)
+            _add(stats, "beta_not_converged", int((~res.converged.bool()).sum()))
+        else:  # only the heads whose slots changed are solved again
+            changed = (idx != prev) | (valid != prev_valid)
+            gram.replace(changed, C)
+            redo = changed.any(1).nonzero()[:, 0]
+            b_sub, r_sub = gram.solve(valid, x0=w0, problems=redo)
+            beta = beta.index_copy(0, redo, b_sub)
+            _add(stats, "beta_not_converged", int((~r_sub.converged.bool()).sum()))
+        prev, prev_valid = idx, valid
         dead = _dead_slots(beta, valid)
         if not bool(dead.any()) or rnd == MAX_REFILL_ROUNDS or bool(used.all()):
             break

@@ -10,11 +10,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..ops.gram import exp_gram
+from ..ops.gram import exp_gram, exp_rows
 from ..ops.solvers import lstsq_gram, nnls_gram
 from .select import _mask_problem, _masked_shift
 
-__all__ = ["fit_beta", "compacted_lse", "fit_values", "RIDGE_CANDIDATES"]
+__all__ = ["fit_beta", "MassGram", "compacted_lse", "fit_values", "RIDGE_CANDIDATES"]
 
 
 def fit_beta(Q: torch.Tensor, C: torch.Tensor, lse: torch.Tensor, scale: float, valid: torch.Tensor,
@@ -42,10 +42,14 @@ def fit_beta(Q: torch.Tensor, C: torch.Tensor, lse: torch.Tensor, scale: float, 
         ``beta`` ``[P, t]`` float32 (``-inf`` where ``w = 0`` or the slot is padding: such a key
         gets no attention) and the solver's ``NNLSResult``.
     """
-    N = Q.shape[1]
     shift = lse if query_weight is None else _masked_shift(lse, query_weight)
     G, R = exp_gram(Q, C.float(), None, shift, scale, None)
-    G, h = _mask_problem(G, R[..., 0], valid)
+    return _solve_mass(G, R[..., 0], Q.shape[1], valid, x0)
+
+
+def _solve_mass(G, h, N, valid, x0):
+    """NNLS of the mass fit from its Gram system (see :func:`fit_beta`): ``(beta, result)``."""
+    G, h = _mask_problem(G, h, valid)
     G, h = G / N, h / N
     res = nnls_gram(G, h, x0=None if x0 is None else (x0.float() * valid).clamp(min=0))
     w = res.x.float().clamp(min=0) * valid
@@ -54,6 +58,58 @@ def fit_beta(Q: torch.Tensor, C: torch.Tensor, lse: torch.Tensor, scale: float, 
         w = torch.where(bad[:, None], _better_of_uniform(G.float(), h.float(), w, valid), w)
     beta = torch.log(w)  # log(0) = -inf: the key is dropped
     return beta, res
+
+
+class MassGram:
+    """The mass fit's Gram system kept across refills: after a few slots change, only their
+    columns of ``A`` and rows/columns of ``G = A^T A`` are recomputed (``n * t * k`` work for ``k``
+    changed slots instead of ``n * t^2``). It holds ``A`` ``[P, N, t]`` float32, so callers use
+    it when that fits their memory budget (:func:`fits`), else :func:`fit_beta` every round.
+
+    Args (as :func:`fit_beta`): Q ``[P, N, D]`` float32, C ``[P, t, D]``, lse ``[P, N]``, scale,
+    query_weight ``[P, N]`` 0/1 or ``None``.
+    """
+
+    MAX_BYTES = 1 << 29  # 512 MiB of A
+
+    @classmethod
+    def fits(cls, P: int, N: int, t: int) -> bool:
+        """Whether ``A`` for ``P`` problems of ``N`` queries and ``t`` slots stays under ``MAX_BYTES``."""
+        return P * N * t * 4 <= cls.MAX_BYTES
+
+    def __init__(self, Q: torch.Tensor, C: torch.Tensor, lse: torch.Tensor, scale: float,
+                 query_weight: Optional[torch.Tensor] = None):
+        self.Q, self.scale = Q, scale
+        self.shift = lse if query_weight is None else _masked_shift(lse, query_weight)
+        self.A = exp_rows(Q, C.float(), self.shift, scale)
+        self.G = torch.bmm(self.A.transpose(1, 2), self.A)
+        self.h = self.A.sum(1)
+
+    def replace(self, changed: torch.Tensor, C: torch.Tensor) -> None:
+        """Slots ``changed`` ``[P, t]`` bool now hold the keys of ``C`` ``[P, t, D]``: update ``A``, ``G``, ``h``."""
+        k = int(changed.sum(1).max())
+        if k == 0:
+            return
+        # the changed slots of every problem, padded with its first slot (recomputed unchanged)
+        cols = torch.where(changed, torch.arange(changed.shape[1], device=changed.device), changed.shape[1])
+        cols = cols.sort(1).values[:, :k]
+        cols = torch.where(cols == changed.shape[1], cols[:, :1].clamp(max=changed.shape[1] - 1), cols)
+        Cn = C.float().gather(1, cols[:, :, None].expand(-1, -1, C.shape[-1]))
+        An = exp_rows(self.Q, Cn, self.shift, self.scale)  # [P, N, k]
+        self.A.scatter_(2, cols[:, None, :].expand(-1, self.A.shape[1], -1), An)
+        Gc = torch.bmm(self.A.transpose(1, 2), An)  # [P, t, k]
+        self.G.scatter_(2, cols[:, None, :].expand(-1, self.G.shape[1], -1), Gc)
+        self.G.scatter_(1, cols[:, :, None].expand(-1, -1, self.G.shape[2]), Gc.transpose(1, 2))
+        self.h.scatter_(1, cols, An.sum(1))
+
+    def solve(self, valid: torch.Tensor, x0: Optional[torch.Tensor] = None,
+              problems: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, object]:
+        """``(beta, NNLSResult)`` of the current slots, as :func:`fit_beta` returns, for all problems
+        or only the ``problems`` (int64 indices; ``beta`` is then ``[len(problems), t]``)."""
+        if problems is None:
+            return _solve_mass(self.G, self.h, self.Q.shape[1], valid, x0)
+        return _solve_mass(self.G[problems], self.h[problems], self.Q.shape[1], valid[problems],
+                           None if x0 is None else x0[problems])
 
 
 def _nnls_objective(G, h, w):

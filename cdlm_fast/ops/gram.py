@@ -29,7 +29,7 @@ import torch
 from .. import _validate as V
 from ..backends import BACKENDS, op
 
-__all__ = ["exp_gram"]
+__all__ = ["exp_gram", "exp_rows"]
 
 _OP = op("exp_gram")
 _LOW = (torch.float16, torch.bfloat16, torch.float32)
@@ -66,6 +66,15 @@ def _exp_rows(Q, C, beta, shift, scale, dtype):
     else:
         add = add.expand(-1, -1, C.shape[1])
     return torch.baddbmm(add, Q.to(dtype), C.to(dtype).transpose(-1, -2), alpha=scale).exp_()
+
+
+def exp_rows(Q: torch.Tensor, C: torch.Tensor, shift: torch.Tensor, scale: float) -> torch.Tensor:
+    """The design matrix itself, ``A = exp(scale * Q C^T - shift)`` ``[P, n, t]`` float32 (float64 for
+    float64 ``Q``), for callers that keep it and update a few columns of ``A^T A`` at a time
+    (the refills of :func:`cdlm_fast.compaction.compact_layer`). Q ``[P, n, D]``, C ``[P, t, D]``,
+    shift ``[P, n]``."""
+    dtype = torch.float64 if Q.dtype == torch.float64 else torch.float32
+    return _exp_rows(Q, C, None, shift, scale, dtype)
 
 
 def _exp_gram_torch(Q, C, beta, shift, scale, Y):
