@@ -32,9 +32,11 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT_KINDS = ("prose", "code", "docs", "lists", "recall")
-# name -> compact_layer keyword arguments (the default pipeline first)
+# name -> compact_kv keyword arguments (the default pipeline first; every variant starts from the
+# defaults, i.e. mixed allocation, unless it says otherwise)
 AM_VARIANTS = {
     "am": {},
+    "am_uniform": {"allocation": "uniform"},
     "am_rms": {"aggregate": "rms", "sinks": 0, "window": 0},
     "am_max": {"aggregate": "max", "sinks": 0, "window": 0},
     "am_rms_window": {"aggregate": "rms", "sinks": 4, "window": 0.1},
@@ -42,9 +44,6 @@ AM_VARIANTS = {
     "am_omp_fast": {"method": "omp_fast"},
     "am_global": {"allocation": "global"},
     "am_global_window": {"allocation": "global", "sinks": 4, "window": 0.1},
-    "am_mixed": {"allocation": "mixed"},
-    "am_mixed_max": {"allocation": "mixed", "aggregate": "max"},
-    "am_mixed_window": {"allocation": "mixed", "sinks": 4, "window": 0.1},
 }
 DEFAULT_PRESSES = ("SnapKV", "ExpectedAttention", "ObservedAttention", "TOVA", "Knorm", "StreamingLLM", "KVzip",
                    "CriticalKV(ExpectedAttention)", "CriticalAdaKV(ExpectedAttention)", "ChunkKV(SnapKV)")
@@ -218,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--continuation-tokens", type=int, default=256)
     p.add_argument("--ratios", default="5,10,20,50")
     p.add_argument("--texts", default=",".join(TEXT_KINDS))
-    p.add_argument("--variants", default="am,am_rms,am_max_window", help=f"of {list(AM_VARIANTS)}")
+    p.add_argument("--variants", default="am,am_uniform", help=f"of {list(AM_VARIANTS)}")
     p.add_argument("--max-queries", type=int, default=4096)
     p.add_argument("--presses", default=",".join(DEFAULT_PRESSES))
     p.add_argument("--kvpress-venv", default=os.path.expanduser("~/.cache/cdlm_fast/kvpress-0.5.5-venv"))

@@ -366,8 +366,10 @@ def test_global_allocation_gives_sharp_heads_more_keys_at_the_same_total():
     assert bool((cm[:, 1] > c[:, 1]).all()), "the floor raised the diffuse heads above their global count"
     with pytest.raises(ValueError, match="allocation"):
         compact_kv(kv, qs, 0.25, allocation="greedy")
-    with pytest.raises(ValueError, match="float budget"):
-        compact_kv(kv, qs, 16, allocation="global")
+    by_count = compact_kv(kv, qs, 16, allocation="global")  # 16 keys per head = 0.25 on average
+    assert [torch.equal(a.counts, b.counts) for a, b in zip(by_count.layers, comp.layers)] == [True, True]
+    with pytest.raises(ValueError, match="budget"):
+        compact_kv(kv, qs, 100, allocation="global")  # more keys than the 64 a head has
 
 
 def test_mass_gram_column_updates_match_a_fresh_gram():

@@ -207,7 +207,10 @@ def test_compact_model_cache_end_to_end(queries):
     cache, report = compact_model_cache(model, ids, ratio=4, method="omp_fast", queries=queries, holdout=16,
                                         progress=False)
     assert isinstance(cache, CompactedDynamicCache) and cache.get_seq_length() == 60
-    assert cache.layers[0].keys.shape[2] == 15
+    # mixed allocation (default): 15 keys per head on average, heads padded to their layer's largest count
+    hkv, L = model.config.num_key_value_heads, model.config.num_hidden_layers
+    assert cache.layers[0].keys.shape[2] >= 15 and report.stats["usable_slots"] <= 15 * hkv * L
+    assert report.stats["stored_slots"] == sum(layer.keys.shape[2] for layer in cache.layers) * hkv
     assert set(report.times) == {"prefill", "queries", "compaction", "evaluation"}
     assert set(report.stage_times) == {"reference", "select", "beta", "values"}
     assert len(report.layers) == 2
@@ -278,7 +281,8 @@ def test_hybrid_models_compact_full_layers_only(arch):
     assert torch.equal(out, ref)
     assert (logits - ref_logits).abs().max() < 1e-3
     # a real budget compacts the full-attention layers only
-    _, _, comp4 = compact_model_cache(model, ids[:, :T], ratio=4, holdout=0, progress=False, return_compacted=True)
+    _, _, comp4 = compact_model_cache(model, ids[:, :T], ratio=4, holdout=0, progress=False, return_compacted=True,
+                                      allocation="uniform")
     assert [layer.compacted_length for layer in comp4.layers] == [8, 8, 8, 8]
     assert torch.equal(comp4.layers[0].keys, comp.layers[0].keys) and torch.equal(comp4.layers[0].indices[0, 0],
                                                                                   torch.arange(24, 32))
@@ -303,7 +307,8 @@ def test_several_ratios_from_one_prefill_match_single_calls():
         assert rep.fit_queries == rep1.fit_queries and rep.heldout_queries == 8
         for a, b in zip(comp.layers, comp1.layers):
             assert torch.equal(a.indices, b.indices) and torch.allclose(a.values, b.values, atol=1e-5)
-    assert many[1][2].layers[0].keys.shape[2] == 8
+    cfg = model.config  # 8 keys per head on average over the layers (mixed allocation)
+    assert sum(int(c.counts.sum()) for c in many[1][2].layers) <= 8 * cfg.num_key_value_heads * cfg.num_hidden_layers
     assert many[0][1].times["prefill"] > 0 and many[1][1].times["prefill"] == 0
     with pytest.raises(ValueError, match="ratio"):
         compact_model_cache(model, ids, ratio=[2, 0.5], progress=False)

@@ -73,7 +73,7 @@ def _tqdm(iterable, enabled: bool, total: int, desc: str):
 
 
 def compact_kv(kv, queries: Dict[int, torch.Tensor], budget, method: str = "highest_attention", *,
-               scale: Optional[float] = None, ridge="auto", allocation: str = "uniform", progress: bool = False,
+               scale: Optional[float] = None, ridge="auto", allocation: str = "mixed", progress: bool = False,
                **kwargs) -> CompactedCache:
     """Compact precomputed per-layer ``(keys, values)`` with fixed reference queries.
 
@@ -81,9 +81,11 @@ def compact_kv(kv, queries: Dict[int, torch.Tensor], budget, method: str = "high
         kv: list over layers of ``(keys [B, Hkv, T, D], values [B, Hkv, T, Dv])``.
         queries: layer -> ``[B, Hq, n, D]`` reference queries.
         budget, method, ridge, kwargs: as :func:`cdlm_fast.compaction.compact_layer`.
-        allocation: ``"uniform"`` (the same budget for every head), ``"global"`` (a float
-            ``budget`` is the average; per-head counts from :func:`allocate_counts`) or ``"mixed"``
-            (as global, but every head keeps at least ``MIXED_FLOOR`` of the uniform budget).
+        allocation: ``"mixed"`` (default: every head keeps at least ``MIXED_FLOOR`` = half of the
+            uniform count, the rest of the same total goes by a global top-k over heads and layers,
+            :func:`allocate_counts`), ``"global"`` (all of it by the global top-k) or ``"uniform"``
+            (the same count for every head). ``budget`` is then the average; per-head count tensors
+            are used as given.
     """
     T = kv[0][0].shape[2]
     budgets = _budgets(kv, queries, budget, allocation, scale)
@@ -102,10 +104,14 @@ def _budgets(kv, queries, budget, allocation: str, scale, layers=None) -> list:
     """Per-layer budgets: ``budget`` everywhere, or global per-head counts over ``layers`` (default all)."""
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
-    if allocation == "uniform":
+    if allocation == "uniform" or torch.is_tensor(budget):  # explicit per-head counts are kept as given
         return [budget] * len(kv)
+    T = kv[0][0].shape[2]
+    if isinstance(budget, int) and not isinstance(budget, bool) and 1 <= budget <= T:
+        budget = budget / T  # keys per head -> the same fraction on average
     if not isinstance(budget, float):
-        raise ValueError(f"allocation={allocation!r} needs a float budget (the average fraction of keys kept)")
+        raise ValueError(f"allocation={allocation!r} needs a float fraction or an int number of keys per head as "
+                         f"budget (the average kept), got {budget!r}")
     layers = list(range(len(kv))) if layers is None else list(layers)
     floor = 1
     if allocation == "mixed":
@@ -144,7 +150,7 @@ def _check_ratio(ratio) -> None:
 def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: Union[float, Sequence[float]] = 10.0,
                         method: str = "highest_attention", queries: str = "repeat", max_queries: Optional[int] = 4096,
                         holdout: int = 256, tokenizer=None, instruction: Optional[str] = None, ridge="auto",
-                        allocation: str = "uniform", seed: int = 0, progress: bool = True, return_compacted: bool = False, **kwargs):
+                        allocation: str = "mixed", seed: int = 0, progress: bool = True, return_compacted: bool = False, **kwargs):
     """Prefill ``input_ids``, compact every layer's KV cache by Attention Matching, report quality.
 
     Which queries fit and which evaluate: per layer, the reference queries are split at random
@@ -167,12 +173,13 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: Union[float, S
         tokenizer: used to tokenize the repeat instruction (without it the context is simply
             repeated). instruction: override the instruction text.
         ridge: relative ridge of the value fit, or ``"auto"`` (per head, by held-out error).
-        allocation: ``"uniform"`` (every head keeps ``T / ratio`` keys), ``"global"`` (the
-            same total, spread over the full-attention layers' heads by a global top-k of the
-            keys' maximum attention from the fit queries; see
-            :func:`cdlm_fast.compaction.core.allocate_counts`) or ``"mixed"`` (global, with
-            every head keeping at least ``MIXED_FLOOR`` = half of the uniform count). Heads are
-            padded to the largest count of their layer.
+        allocation: ``"mixed"`` (default: every head keeps at least half of ``T / ratio`` keys,
+            and the rest of the same total is spread over the full-attention layers' heads by a
+            global top-k of the keys' maximum attention from the fit queries; see
+            :func:`cdlm_fast.compaction.core.allocate_counts`), ``"global"`` (all of the total
+            by that top-k) or ``"uniform"`` (every head keeps ``T / ratio`` keys). Heads are
+            padded to the largest count of their layer (``report.stats`` gives usable and stored
+            slots).
         seed: RNG seed of the split / subsampling.
         progress: show a tqdm bar over layers.
         return_compacted: also return the :class:`CompactedCache`.
