@@ -312,7 +312,8 @@ def test_attention_matching_compacted_prompt_changes_first_block_logits_slightly
         del student._attention
     p, t = ids.shape[1], 8
     kv = [(cache.keys[i, :, :, :p], cache.values[i, :, :, :p]) for i in range(student.num_layers)]
-    compacted = compaction.compact_kv(kv, dict(enumerate(queries)), t, "highest_attention")
+    compacted = compaction.compact_kv(kv, dict(enumerate(queries)), t, "highest_attention",
+                                      allocation="uniform")  # t slots in every head, as the recent-keys baseline
     assert compacted.logical_length == p and all(lay.keys.shape[2] == t for lay in compacted.layers)
     compacted.last_logits = cache.carry_logits  # the prompt's last logit, computed before compaction
     drift = first_block_logit_drift(student, ids, mask, compacted)
