@@ -26,7 +26,7 @@ import triton.language as tl
 
 from cdlm_fast.backends import op
 
-from .attention_common import LOG2E, LOG2E_F, is_interpreted
+from .attention_common import LOG2E, LOG2E_F, is_interpreted, sample_key_range
 from .attention_prefill import key_limit
 
 __all__ = ["attention_backward_triton", "supports", "block_config"]
@@ -120,11 +120,7 @@ def _bwd_dq_kernel(
     h64 = h.to(tl.int64)
     kvh64 = kvh.to(tl.int64)
 
-    cap = b * 0 + Lk
-    if HAS_KVLENS:
-        cap = tl.minimum(tl.load(KvLens + b), Lk)
-    cap = tl.maximum(cap, 0)
-    prefix = tl.minimum(tl.load(Prefix + b), cap)
+    cap, prefix = sample_key_range(Prefix, KvLens, b, Lk, HAS_KVLENS)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -176,11 +172,7 @@ def _bwd_dkv_kernel(
     b64 = b.to(tl.int64)
     kvh64 = kvh.to(tl.int64)
 
-    cap = b * 0 + Lk
-    if HAS_KVLENS:
-        cap = tl.minimum(tl.load(KvLens + b), Lk)
-    cap = tl.maximum(cap, 0)
-    prefix = tl.minimum(tl.load(Prefix + b), cap)
+    cap, prefix = sample_key_range(Prefix, KvLens, b, Lk, HAS_KVLENS)
 
     n0 = pid_n * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)

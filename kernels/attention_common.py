@@ -14,6 +14,18 @@ LOG2E = tl.constexpr(LOG2E_F)
 LN2 = tl.constexpr(LN2_F)
 
 
+@triton.jit
+def sample_key_range(Prefix, KvLens, b, Lk, HAS_KVLENS: tl.constexpr):
+    """``(cap, prefix)`` of sample ``b``: the number of keys it has (``kv_lens[b]`` capped at
+    ``Lk``, at least 0) and its prompt length capped by that; shared by every attention kernel."""
+    cap = b * 0 + Lk  # a tensor even when Triton specialises Lk == 1 to a constant
+    if HAS_KVLENS:
+        cap = tl.minimum(tl.load(KvLens + b), Lk)
+    cap = tl.maximum(cap, 0)
+    prefix = tl.minimum(tl.load(Prefix + b), cap)
+    return cap, prefix
+
+
 def is_interpreted() -> bool:
     """Whether Triton kernels run in the interpreter (``TRITON_INTERPRET=1``, read at import)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"

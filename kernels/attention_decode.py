@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from .attention_common import (LN2, LOG2E_F, autotune_enabled, big_shared_memory, bucket, is_interpreted,
-                               sm_count)
+                               sample_key_range, sm_count)
 from .attention_prefill import attend_tiles, key_limit
 
 __all__ = ["decode", "decode_configs", "decode_plan", "candidate_configs"]
@@ -131,11 +131,7 @@ def _decode_kernel(
     b64 = b.to(tl.int64)
     kvh64 = kvh.to(tl.int64)
 
-    cap = b * 0 + Lk  # a tensor even when Triton specialises Lk == 1 to a constant
-    if HAS_KVLENS:
-        cap = tl.minimum(tl.load(KvLens + b), Lk)
-    cap = tl.maximum(cap, 0)
-    prefix = tl.minimum(tl.load(Prefix + b), cap)
+    cap, prefix = sample_key_range(Prefix, KvLens, b, Lk, HAS_KVLENS)
 
     rows = mt * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < G * Lq

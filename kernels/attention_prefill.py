@@ -20,7 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import LN2, LOG2E, LOG2E_F, autotune_enabled, big_shared_memory, bucket, is_interpreted
+from .attention_common import (LN2, LOG2E, LOG2E_F, autotune_enabled, big_shared_memory, bucket, is_interpreted,
+                               sample_key_range)
 
 __all__ = ["prefill", "prefill_configs", "candidate_configs"]
 
@@ -169,11 +170,7 @@ def _prefill_kernel(
     h64 = h.to(tl.int64)
     kvh64 = kvh.to(tl.int64)
 
-    cap = b * 0 + Lk  # a tensor even when Triton specialises Lk == 1 to a constant
-    if HAS_KVLENS:
-        cap = tl.minimum(tl.load(KvLens + b), Lk)
-    cap = tl.maximum(cap, 0)
-    prefix = tl.minimum(tl.load(Prefix + b), cap)
+    cap, prefix = sample_key_range(Prefix, KvLens, b, Lk, HAS_KVLENS)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
