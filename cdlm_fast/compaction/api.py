@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
@@ -115,7 +114,7 @@ def _budgets(kv, queries, budget, allocation: str, scale, layers=None) -> list:
     layers = list(range(len(kv))) if layers is None else list(layers)
     floor = 1
     if allocation == "mixed":
-        floor = max(1, int(MIXED_FLOOR * math.ceil(budget * kv[0][0].shape[2])))
+        floor = max(1, int(MIXED_FLOOR * math.ceil(budget * T)))
     counts = allocate_counts([kv[i] for i in layers], {j: queries[i] for j, i in enumerate(layers)}, budget,
                              scale=scale, min_keys=floor)
     out = [budget] * len(kv)

@@ -325,20 +325,18 @@ def compact_layer(
     keep_gram = Kp.device.type == "cpu" and MassGram.fits(P, Qp.shape[1], idx.shape[1])
     for rnd in range(MAX_REFILL_ROUNDS + 1):
         C = _gather_keys(Kp, idx)
-        if not keep_gram:
-            beta, res = fit_beta(Qp, C, lsep, scale, valid, query_weight=qwf, x0=w0)
-            _add(stats, "beta_not_converged", int((~res.converged.bool()).sum()))
-        elif gram is None:
-            gram = MassGram(Qp, C, lsep, scale, query_weight=qwf)
-            beta, res = gram.solve(valid, x0=w0)
-            _add(stats, "beta_not_converged", int((~res.converged.bool()).sum()))
-        else:  # only the heads whose slots changed are solved again
+        if gram is not None:  # a refill round: only the heads whose slots changed are solved again
             changed = (idx != prev) | (valid != prev_valid)
             gram.replace(changed, C)
             redo = changed.any(1).nonzero()[:, 0]
-            b_sub, r_sub = gram.solve(valid, x0=w0, problems=redo)
+            b_sub, res = gram.solve(valid, x0=w0, problems=redo)
             beta = beta.index_copy(0, redo, b_sub)
-            _add(stats, "beta_not_converged", int((~r_sub.converged.bool()).sum()))
+        elif keep_gram:
+            gram = MassGram(Qp, C, lsep, scale, query_weight=qwf)
+            beta, res = gram.solve(valid, x0=w0)
+        else:
+            beta, res = fit_beta(Qp, C, lsep, scale, valid, query_weight=qwf, x0=w0)
+        _add(stats, "beta_not_converged", int((~res.converged.bool()).sum()))
         prev, prev_valid = idx, valid
         dead = _dead_slots(beta, valid)
         if not bool(dead.any()) or rnd == MAX_REFILL_ROUNDS or bool(used.all()):

@@ -19,8 +19,8 @@ The two parts are combined exactly through their log-sum-exps (``lse = logaddexp
 lse_b)``, ``out = e^(lse_c - lse) out_c + e^(lse_b - lse) out_b``). GQA: the ``G`` query heads
 of a KV head are folded into the rows of one problem (``[B, Hkv, G * rows, D]``), so K/V are
 never repeated. Rows with no visible key (geometry, ``kv_lens`` or an all ``-inf`` bias) get
-zeros and ``lse = -inf``; they are found from a prefix count of the finite bias entries, not
-from the kernel's output.
+zeros and ``lse = -inf``; they are found from a prefix count of the finite bias entries (in
+the one-call path below, only when the kernel reports some ``lse == 0``, its value for such rows).
 
 Each part runs on the CPU in PyTorch's flash-attention kernel that returns the log-sum-exp,
 ``torch.ops.aten._scaled_dot_product_flash_attention_for_cpu`` (float32 / bfloat16 / float16
@@ -132,8 +132,7 @@ def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opt
     Hkv, Lk = k.shape[1], k.shape[2]
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     if B * Hq * Lq * D == 0 or Lk == 0:
-        return (torch.zeros(B, Hq, Lq, D, dtype=q.dtype, device=q.device),
-                torch.full((B, Hq, Lq), float("-inf"), dtype=cdt, device=q.device))
+        return _no_keys(q, cdt)
     G = Hq // Hkv
     bias_c = bias if bias is None or bias.dtype == cdt else bias.to(cdt)
     shared = _shared_limit(prefix_len, kv_lens, block_size, q_offset, Lq, Lk)
@@ -158,6 +157,12 @@ def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opt
     for i0, i1, lo, hi in tiles:
         out[:, :, :, i0:i1], lse[:, :, :, i0:i1] = _tile(q5, k, v, bias_c, cnt, limits, i0, i1, lo, hi, scale, cdt)
     return out.view(B, Hq, Lq, D), lse.view(B, Hq, Lq)
+
+
+def _no_keys(q: torch.Tensor, cdt: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The result when no query sees a key: zeros ``[B, Hq, Lq, D]`` and ``lse = -inf``."""
+    return (torch.zeros(q.shape, dtype=q.dtype, device=q.device),
+            torch.full(q.shape[:3], float("-inf"), dtype=cdt, device=q.device))
 
 
 def _shared_limit(prefix_len, kv_lens, block_size, q_offset, lq, lk) -> Optional[int]:
@@ -186,8 +191,7 @@ def _shared(q, k, v, bias_c, lim, scale, cdt):
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
     if lim == 0:
-        return (torch.zeros(B, Hq, Lq, D, dtype=q.dtype, device=q.device),
-                torch.full((B, Hq, Lq), float("-inf"), dtype=cdt, device=q.device))
+        return _no_keys(q, cdt)
     if lim < Lk:
         k, v = k[:, :, :lim], v[:, :, :lim]
         bias_c = None if bias_c is None else bias_c[:, :, :lim]
