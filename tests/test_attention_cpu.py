@@ -30,6 +30,7 @@ CASES = {
     "all-keys-dropped": (1, 2, 1, 5, 40, 64, 0, None, 0, None, "all-inf"),
     "prefix-rows-dropped": (1, 2, 1, 40, 40, 16, 10, 1, 0, None, "head-inf"),
     "decode-one-kv-head-dropped": (2, 6, 2, 8, 64, 32, 32, 8, 56, None, "kvhead-inf"),
+    "decode-mid-cache": (1, 4, 2, 8, 100, 64, 40, 8, 48, None, "inf"),
 }
 TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-4),
        torch.float16: (5e-3, 1e-4)}
@@ -86,6 +87,47 @@ def test_torch_backend_matches_reference(case, dtype):
     q, k, v, bias, kw = _inputs(case, dtype)
     out, lse = cdlm_fast.attention(q, k, v, bias=bias, return_lse=True, backend="torch", **kw)
     _check(out, lse, q, k, v, bias, kw, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", [c for c, spec in CASES.items() if isinstance(spec[6], int) and spec[9] is None])
+def test_int_lengths_fast_path(case, dtype, monkeypatch):
+    """Host-int lengths take the one-pass CPU path when all rows share a key limit (decode blocks,
+    bidirectional calls; dead heads, a limit inside the cache) and the general path otherwise."""
+    q, k, v, bias, kw = _inputs(case, dtype, seed=2)
+    kw["prefix_len"] = int(kw["prefix_len"][0])
+    calls = []
+    shared_call = attention_cpu.shared_call
+    monkeypatch.setattr(cdlm_fast.ops.attention, "shared_call", lambda *a: calls.append(r := shared_call(*a)) or r)
+    out, lse = cdlm_fast.attention(q, k, v, bias=bias, return_lse=True, **kw)
+    _check(out, lse, q, k, v, bias, kw, dtype)
+    lim = key_limits(torch.tensor([kw["prefix_len"]]), kw["block_size"], kw["q_offset"], q.shape[2], k.shape[2])
+    assert len(calls) == 1 and (calls[0] is not None) == bool((lim == lim[0, 0]).all())
+    assert torch.equal(cdlm_fast.attention(q, k, v, bias=bias, **kw), out)
+    q.requires_grad_(True)  # autograd needs the general path
+    calls.clear()
+    cdlm_fast.attention(q, k, v, bias=bias, **kw)
+    assert not calls
+
+
+def test_fast_path_leaves_bad_arguments_to_the_checks():
+    """Arguments the one-pass path does not accept still get the general path's precise errors."""
+    q, k, v, bias, kw = _inputs("decode-aligned", torch.float32)
+    kw["prefix_len"] = 2048
+    with pytest.raises(TypeError, match="bias must have dtype"):
+        cdlm_fast.attention(q, k, v, bias=bias.double(), **kw)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        cdlm_fast.attention(q, k, v, bias=bias[:, :, 1:], **kw)
+    with pytest.raises(ValueError, match="scale must be a finite positive"):
+        cdlm_fast.attention(q, k, v, bias=bias, scale=-1.0, **kw)
+    with pytest.raises(ValueError, match="prefix_len must be >= 0"):
+        cdlm_fast.attention(q, k, v, bias=bias, **{**kw, "prefix_len": -1})
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        cdlm_fast.attention(q, k, v, bias=bias, **{**kw, "block_size": 0})
+    with pytest.raises(ValueError, match="multiple of the number of KV heads"):
+        cdlm_fast.attention(q[:, :8], k, v, bias=bias, **kw)
+    with pytest.raises(TypeError, match="q, k and v must share one dtype"):
+        cdlm_fast.attention(q, k.double(), v, bias=bias, **kw)
 
 
 @pytest.mark.parametrize("case", ["causal-offset", "causal-prefill-gqa-dropped", "causal-batch-kvlens",

@@ -18,13 +18,14 @@ a generated query sees its own block bidirectionally and every earlier block.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple, Union
 
 import torch
 
 from .. import _validate as V
 from ..backends import op
-from .attention_cpu import attention_torch
+from .attention_cpu import attention_torch, shared_call
 from .attention_grad import attention_train
 
 __all__ = ["attention"]
@@ -78,6 +79,44 @@ def _check(q, k, v, bias, prefix_len, block_size, q_offset, kv_lens, scale):
     return prefix_t, kv_t
 
 
+_FLOATS = frozenset(V.FLOAT_DTYPES)
+
+
+def _cpu_decode(q, k, v, bias, prefix_len, block_size, q_offset, kv_lens, scale, backend):
+    """The common CPU inference call (int lengths, no grad, all rows sharing one key limit, e.g. a
+    decode block on the block grid), checked in one pass: ``(out, lse)``, or ``None`` when the call
+    is anything else (the general path then checks it argument by argument and raises the precise
+    error). On a 2-3 ms decode call the general path's separate checks, backend choice and length
+    tensors cost 0.1-0.3 ms with cold caches (measured on a 2-core x86 CPU), the whole margin over SDPA."""
+    if not (type(prefix_len) is int and type(q_offset) is int and kv_lens is None
+            and (block_size is None or type(block_size) is int) and type(q) is torch.Tensor
+            and type(k) is torch.Tensor and type(v) is torch.Tensor):
+        return None
+    if backend != "torch" and (backend != "auto" or os.environ.get("CDLM_FAST_BACKEND")):
+        return None
+    dt = q.dtype
+    if not (q.is_cpu and k.is_cpu and v.is_cpu and q.dim() == 4 and k.dim() == 4 and dt in _FLOATS
+            and k.dtype == dt and v.dtype == dt):
+        return None
+    b, hq, lq, d = q.shape
+    bk, hkv, lk, dk = k.shape
+    if not (bk == b and dk == d and v.shape == k.shape and hkv > 0 and hq % hkv == 0 and 0 <= q_offset
+            and 0 <= prefix_len and (block_size is None or block_size >= 1)):
+        return None
+    if bias is not None and not (type(bias) is torch.Tensor and bias.is_cpu
+                                 and (bias.dtype == torch.float32 or bias.dtype == dt == torch.float64)
+                                 and bias.shape == (b, hkv, lk)):
+        return None
+    if scale is None:
+        scale = d ** -0.5
+    elif not (type(scale) is float and 0 < scale < float("inf")):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return None
+    return shared_call(q, k, v, bias, prefix_len, block_size or 0, q_offset, scale)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -120,6 +159,9 @@ def attention(
         >>> q = torch.randn(1, 4, 8, 64); k = v = torch.randn(1, 2, 40, 64)
         >>> out = cdlm_fast.attention(q, k, v, prefix_len=32, block_size=8, q_offset=32)
     """
+    fast = _cpu_decode(q, k, v, bias, prefix_len, block_size, q_offset, kv_lens, scale, backend)
+    if fast is not None:
+        return fast if return_lse else fast[0]
     prefix_t, kv_t = _check(q, k, v, bias, prefix_len, block_size, q_offset, kv_lens, scale)
     if scale is None:
         scale = q.shape[-1] ** -0.5
