@@ -46,7 +46,8 @@ AM_VARIANTS = {
     "am_global_window": {"allocation": "global", "sinks": 4, "window": 0.1},
 }
 DEFAULT_PRESSES = ("SnapKV", "ExpectedAttention", "ObservedAttention", "TOVA", "Knorm", "StreamingLLM", "KVzip",
-                   "CriticalKV(ExpectedAttention)", "CriticalAdaKV(ExpectedAttention)", "ChunkKV(SnapKV)")
+                   "KVzip+", "CriticalKV(ExpectedAttention)", "CriticalAdaKV(ExpectedAttention)", "ChunkKV(SnapKV)",
+                   "Merging(ExpectedAttention)")
 
 
 def text_of_kind(kind: str) -> str:

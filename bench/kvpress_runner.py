@@ -15,7 +15,7 @@ import time
 
 import torch
 
-# name -> (constructor taking the kvpress compression ratio, attention implementation it needs)
+# name -> (constructor taking the kvpress compression ratio, attention implementation it needs[, keywords])
 PRESSES = {
     "SnapKV": ("SnapKVPress", "sdpa"),
     "ExpectedAttention": ("ExpectedAttentionPress", "sdpa"),
@@ -24,6 +24,7 @@ PRESSES = {
     "Knorm": ("KnormPress", "sdpa"),
     "StreamingLLM": ("StreamingLLMPress", "sdpa"),
     "KVzip": ("KVzipPress", "sdpa"),
+    "KVzip+": ("KVzipPress", "sdpa", {"kvzip_plus_normalization": True}),
     "CriticalAdaKV(ExpectedAttention)": ("CriticalAdaKVPress:ExpectedAttentionPress", "sdpa"),
     "CriticalKV(ExpectedAttention)": ("CriticalKVPress:ExpectedAttentionPress", "sdpa"),
     "AdaKV(ExpectedAttention)": ("AdaKVPress:ExpectedAttentionPress", "sdpa"),
@@ -35,11 +36,11 @@ PRESSES = {
 def make_press(name: str, compression: float):
     import kvpress
 
-    spec, _ = PRESSES[name]
+    spec, extra = PRESSES[name][0], (PRESSES[name][2] if len(PRESSES[name]) > 2 else {})
     if ":" in spec:
         outer, inner = spec.split(":")
         return getattr(kvpress, outer)(press=getattr(kvpress, inner)(compression_ratio=compression))
-    return getattr(kvpress, spec)(compression_ratio=compression)
+    return getattr(kvpress, spec)(compression_ratio=compression, **extra)
 
 
 @torch.no_grad()
