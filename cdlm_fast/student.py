@@ -263,11 +263,11 @@ class BlockCausalStudent:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    def _attention(self, q, k, v, bias, prefix_len_t, block_size, q_offset, sdpa_mask=None):
+    def _attention(self, q, k, v, bias, prefix_len, block_size, q_offset, sdpa_mask=None):
         if self.attn_impl == "sdpa":
             return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, scale=self.scale,
                                                   enable_gqa=self.num_heads != self.num_kv_heads)
-        return attention(q, k, v, bias=bias, prefix_len=prefix_len_t, block_size=block_size or None,
+        return attention(q, k, v, bias=bias, prefix_len=prefix_len, block_size=block_size or None,
                          q_offset=q_offset, scale=self.scale, backend=self.backend)
 
     @torch.no_grad()
@@ -515,6 +515,9 @@ class BlockCausalStudent:
         # the SDPA baseline materialises its mask once per forward (per layer only when the
         # layers carry different biases, i.e. a compacted prompt cache)
         sdpa_mask = None
+        # the prompt length as a host int on the CPU (the attention op's one-pass decode path takes
+        # ints), as the cached [B] tensor on a GPU (no host-to-device copy per call)
+        prefix = cache.prefix_len if cache.keys.device.type == "cpu" else cache.prefix_len_t
         if self.attn_impl == "sdpa" and not cache.per_layer_bias:
             sdpa_mask = self._sdpa_mask(cache.bias[0, :, :, :e], cache.prefix_len_t, block, s, n, e)
 
@@ -525,7 +528,7 @@ class BlockCausalStudent:
             m = sdpa_mask
             if self.attn_impl == "sdpa" and cache.per_layer_bias:
                 m = self._sdpa_mask(bc[:, :, :e], cache.prefix_len_t, block, s, n, e)
-            return self._attention(q, kc[:, :, :e], vc[:, :, :e], bc[:, :, :e], cache.prefix_len_t, block, s, m)
+            return self._attention(q, kc[:, :, :e], vc[:, :, :e], bc[:, :, :e], prefix, block, s, m)
 
         return self._layers(ids, cos, sin, attend)
 

@@ -32,7 +32,9 @@ Rule (chosen by measurement on a 2-core x86 CPU, ``python bench/cpu_report.py``)
 
 * all rows of the call share one limit (a decode block on the block grid, a bidirectional call,
   a single query; decided by host arithmetic on the first and last query): **one** kernel call,
-  no mask tensor at all (bias broadcast over the rows);
+  no mask tensor at all (bias broadcast over the rows). With host-int lengths and no ``kv_lens``
+  :func:`cdlm_fast.attention` reaches it through :func:`shared_call` after one combined argument
+  check, building no length tensor (the decode hot path);
 * causal rows (``limit_i = q_offset + i + 1``, e.g. a transformers prefill): the cached keys before
   ``q_offset`` as a common part, the last ``Lq`` keys in **one** call with the kernel's own causal
   mask (it skips the masked tiles; K/V of that band repeated to the query heads, since folded rows
