@@ -45,8 +45,11 @@ AM_VARIANTS = {
     "am_global": {"allocation": "global"},
     "am_global_window": {"allocation": "global", "sinks": 4, "window": 0.1},
 }
+# KVzip+ (``--presses ...,KVzip+``) is left out: its normalisation holds more than 23 GB at a 2K
+# context with SmolLM2 on the CPU (killed for memory on a 24 GB machine), and a killed runner loses
+# every cell.
 DEFAULT_PRESSES = ("SnapKV", "ExpectedAttention", "ObservedAttention", "TOVA", "Knorm", "StreamingLLM", "KVzip",
-                   "KVzip+", "CriticalKV(ExpectedAttention)", "CriticalAdaKV(ExpectedAttention)", "ChunkKV(SnapKV)",
+                   "CriticalKV(ExpectedAttention)", "CriticalAdaKV(ExpectedAttention)", "ChunkKV(SnapKV)",
                    "Merging(ExpectedAttention)")
 
 
