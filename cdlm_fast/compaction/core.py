@@ -390,6 +390,8 @@ def compact_layer(
 def _dead_slots(beta: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``[P, t]`` bool: valid slots whose weight ``exp(beta)`` is zero or below ``DEAD_WEIGHT_RTOL``
     times the largest weight of their head."""
+    if beta.shape[1] == 0:  # every slot of the layer is a sink or in the recent window
+        return valid.clone()
     top = beta.masked_fill(~valid, float("-inf")).amax(1, keepdim=True)
     return valid & (torch.isneginf(beta) | (beta < top + math.log(DEAD_WEIGHT_RTOL)))
 

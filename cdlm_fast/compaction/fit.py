@@ -169,6 +169,8 @@ def fit_values(Q: torch.Tensor, C: torch.Tensor, beta: torch.Tensor, Y: torch.Te
     if not (ridge == "auto" or (isinstance(ridge, (int, float)) and not isinstance(ridge, bool) and ridge >= 0)):
         raise ValueError(f"ridge must be a float >= 0 or 'auto', got {ridge!r}")
     P, N = Q.shape[:2]
+    if C.shape[1] == 0:  # no slot to fit (e.g. all of the budget went to sinks and the recent window)
+        return torch.zeros(P, 0, Y.shape[-1], dtype=torch.float32, device=Q.device)
     lse_c = compacted_lse(Q, C, beta, scale, backend=backend)
     finite = torch.isfinite(lse_c)
     if query_weight is not None:
@@ -214,6 +216,6 @@ def fit_values(Q: torch.Tensor, C: torch.Tensor, beta: torch.Tensor, Y: torch.Te
             chosen = stats.setdefault("ridge_chosen", {})
             for i, c in enumerate(RIDGE_CANDIDATES):
                 chosen[c] = chosen.get(c, 0) + int((best == i).sum())
-    else:
-        lam = torch.full((P,), float(ridge), device=Q.device)
+    else:  # a fixed ridge, or "auto" without a held-out query (then the smallest candidate)
+        lam = torch.full((P,), RIDGE_CANDIDATES[0] if ridge == "auto" else float(ridge), device=Q.device)
     return solve(G, R, lam).float()
