@@ -36,7 +36,8 @@ PRESSES = {
 def make_press(name: str, compression: float):
     import kvpress
 
-    spec, extra = PRESSES[name][0], (PRESSES[name][2] if len(PRESSES[name]) > 2 else {})
+    spec, _, *rest = PRESSES[name]
+    extra = rest[0] if rest else {}
     if ":" in spec:
         outer, inner = spec.split(":")
         return getattr(kvpress, outer)(press=getattr(kvpress, inner)(compression_ratio=compression))

@@ -92,11 +92,11 @@ def _cpu_decode(q, k, v, bias, prefix_len, block_size, q_offset, kv_lens, scale,
             and (block_size is None or type(block_size) is int) and type(q) is torch.Tensor
             and type(k) is torch.Tensor and type(v) is torch.Tensor):
         return None
-    if backend != "torch" and (backend != "auto" or os.environ.get("CDLM_FAST_BACKEND")):
-        return None
     dt = q.dtype
     if not (q.is_cpu and k.is_cpu and v.is_cpu and q.dim() == 4 and k.dim() == 4 and dt in _FLOATS
             and k.dtype == dt and v.dtype == dt):
+        return None
+    if backend != "torch" and (backend != "auto" or os.environ.get("CDLM_FAST_BACKEND")):
         return None
     b, hq, lq, d = q.shape
     bk, hkv, lk, dk = k.shape

@@ -196,6 +196,8 @@ def shared_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optiona
     if Lq > 1 and _limit(prefix_len, Lk, block_size, q_offset + Lq - 1, Lk) != lim:
         return None
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if q.numel() == 0:
+        return _no_keys(q, cdt)
     return _shared(q, k, v, bias if bias is None or bias.dtype == cdt else bias.to(cdt), lim, scale, cdt)
 
 
@@ -210,7 +212,7 @@ def _shared(q, k, v, bias_c, lim, scale, cdt):
     kernel call each op costs 40-120 us on a 2-core x86 CPU (its caches cold), against 4 us warm."""
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    if lim == 0 or q.numel() == 0:
+    if lim == 0:
         return _no_keys(q, cdt)
     if lim < Lk:
         k, v = k[:, :, :lim], v[:, :, :lim]
@@ -223,7 +225,8 @@ def _shared(q, k, v, bias_c, lim, scale, cdt):
     if bias_c is not None and not lse.all():  # some lse == 0: check for heads with no key
         dead = (bias_c.amax(-1) == float("-inf")).repeat_interleave(Hq // Hkv, dim=1)  # [B, Hq]: sees no key
         lse = lse.masked_fill(dead[:, :, None], float("-inf"))
-    return out.view(B, Hq, Lq, D) if out.dtype == q.dtype else out.view(B, Hq, Lq, D).to(q.dtype), lse
+    out = out.view(B, Hq, Lq, D)
+    return (out if out.dtype == q.dtype else out.to(q.dtype)), lse
 
 
 def _causal(q, k, v, bias_c, cnt, limits, q_offset, scale, cdt):
