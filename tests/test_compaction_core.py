@@ -410,3 +410,44 @@ def test_mass_gram_column_updates_match_a_fresh_gram():
     assert bool(torch.isneginf(beta[2, 3]))
     sub, _ = gram.solve(valid, problems=torch.tensor([0, 2]))
     torch.testing.assert_close(sub.exp(), beta[[0, 2]].exp())
+
+
+def test_slots_the_refills_cannot_fill_are_floored_not_dead(monkeypatch):
+    # clustered keys (as in test_every_slot_counts): the first NNLS leaves dead slots; with the
+    # refill rounds capped, the slots still dead must be floored (finite beta >= -3), not dropped
+    import cdlm_fast.compaction.core as core
+
+    monkeypatch.setattr(core, "MAX_REFILL_ROUNDS", 0)  # the first solve's dead slots stay for the floor
+    k, v, q = _structured(B=1, Hkv=2, G=2, T=120, n=90, seed=11)
+    stats = {}
+    layer = compact_layer(k, v, q, 30, ridge=0.0, stats=stats)
+    assert stats["dead_slots"] == 0 and stats.get("slots_floored", 0) > 0, stats
+    assert layer.counts.tolist() == [[30, 30]]
+    assert (layer.bias >= -3.0 - 1e-5).all() and torch.isfinite(layer.bias).all()
+    _check_indices(k, layer)
+    err, mass = _errors(k, v, layer, q)
+    monkeypatch.setattr(core, "MAX_REFILL_ROUNDS", 8)
+    err_refilled, _ = _errors(k, v, compact_layer(k, v, q, 30, ridge=0.0), q)
+    assert err < 1.5 * err_refilled + 0.01 and mass < 0.05, (err, err_refilled, mass)
+
+
+def test_fit_beta_floor_only_where_a_key_has_mass():
+    from cdlm_fast.compaction.fit import WEIGHT_FLOOR, fit_beta
+
+    g = torch.Generator().manual_seed(6)
+    D = 8
+    u = torch.ones(D) / D ** 0.5
+    Q = torch.randn(1, 50, D, generator=g) * 0.3 + 2 * u
+    K = torch.randn(1, 40, D, generator=g) * 0.5
+    C = torch.cat([K[:, :5], -400.0 * u.view(1, 1, D)], 1)  # key 5: no mass for any query (exp underflows)
+    C[0, 1] = C[0, 0]  # a duplicate: NNLS leaves one copy at 0 without the floor
+    lse = torch.logsumexp(Q @ K[0].T, dim=-1)
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    scale = 1.0
+    beta0, _ = fit_beta(Q, C, lse, scale, valid)
+    beta1, res = fit_beta(Q, C, lse, scale, valid, floor=valid)
+    assert bool(res.converged.all())
+    assert float(torch.exp(beta0[0, :5]).min()) < WEIGHT_FLOOR, beta0  # the floor binds somewhere
+    w1 = torch.exp(beta1[0])
+    assert (w1[:5] >= WEIGHT_FLOOR * (1 - 1e-5)).all(), w1
+    assert torch.isneginf(beta1[0, 5]), beta1  # no mass: the floor does not apply

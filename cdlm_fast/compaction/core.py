@@ -16,7 +16,10 @@ Pipeline (every KV head of the layer is one problem of a batch, ``P = B * Hkv``)
    inside the same budget;
 3. ``beta = log w`` by NNLS on the mass-matching Gram system; keys whose weight is 0 are
    dropped and their slots refilled with the next-best unused keys (by the selection score)
-   until every slot has a positive weight or no candidate is left;
+   until every slot has a positive weight or no candidate is left; heads still holding dead
+   slots after ``MAX_REFILL_ROUNDS`` are solved once more with every weight floored at
+   ``WEIGHT_FLOOR`` (the authors' lower clamp), so only keys with no attention mass at all
+   (their ``exp`` underflows for every query) can leave a slot unusable;
 4. ``C_v`` by (ridge) least squares on ``X = softmax(q C_k^T * scale + beta)``, the ridge
    chosen per head on a held-out split of the reference queries (``ridge="auto"``).
 
@@ -218,8 +221,10 @@ def compact_layer(
         timings: optional dict; seconds per stage (``"reference"``, ``"select"``, ``"beta"``,
             ``"values"``, ``"refine"``) are added to it (synchronising the device between stages).
         stats: optional dict; counters are added to it: ``"beta_not_converged"`` (NNLS solves
-            that hit the fallback), ``"refill_rounds"``, ``"slots_refilled"``, ``"dead_slots"``
-            (slots left without a usable key), ``"ridge_chosen"``.
+            that hit the fallback), ``"refill_rounds"``, ``"slots_refilled"``, ``"slots_floored"``
+            (slots still dead after the refill rounds, kept usable by a floored weight fit),
+            ``"dead_slots"`` (slots left without a usable key: only when the budget exceeds the keys
+            with any attention mass), ``"ridge_chosen"``.
         refine_steps, refine_lr: when ``refine_steps > 0``, polish the result with at most that
             many Adam steps of learning rate ``refine_lr`` (:func:`cdlm_fast.compaction.refine.refine`,
             early-stopped on held-out reference queries).
@@ -347,6 +352,19 @@ def compact_layer(
         _add(stats, "slots_refilled", int(dead.sum()))
         idx, valid = refill_slots(idx, valid, dead, used, scores)
         w0 = torch.exp(beta).masked_fill(dead | ~valid, 0.0)  # warm start: new keys start at 0
+    dead = _dead_slots(beta, valid)
+    if bool(dead.any()):  # refills exhausted: the heads left with dead slots are solved again with every
+        # slot's weight floored (w >= WEIGHT_FLOOR, the authors' clamp), so a key with any mass stays usable
+        redo = dead.any(1).nonzero()[:, 0]
+        if gram is not None:
+            b_sub, res = gram.solve(valid, x0=torch.exp(beta), problems=redo, floor=valid)
+        else:
+            b_sub, res = fit_beta(Qp[redo], C[redo], lsep[redo], scale, valid[redo],
+                                  query_weight=None if qwf is None else qwf[redo], x0=torch.exp(beta[redo]),
+                                  floor=valid[redo])
+        beta = beta.index_copy(0, redo, b_sub)
+        _add(stats, "slots_floored", int(dead.sum()) - int(_dead_slots(beta, valid).sum()))
+        _add(stats, "beta_not_converged", int((~res.converged.bool()).sum()))
     valid = valid & ~_dead_slots(beta, valid)
     beta = torch.where(valid, beta, torch.full_like(beta, float("-inf")))
     idx = torch.where(valid, idx, torch.zeros_like(idx))

@@ -6,6 +6,7 @@ Shapes as in :mod:`cdlm_fast.compaction.select` (``P`` problems, ``N`` queries, 
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -14,12 +15,12 @@ from ..ops.gram import exp_gram, exp_rows
 from ..ops.solvers import lstsq_gram, nnls_gram
 from .select import _mask_problem, _masked_shift
 
-__all__ = ["fit_beta", "MassGram", "compacted_lse", "fit_values", "RIDGE_CANDIDATES"]
+__all__ = ["fit_beta", "MassGram", "compacted_lse", "fit_values", "RIDGE_CANDIDATES", "WEIGHT_FLOOR"]
 
 
 def fit_beta(Q: torch.Tensor, C: torch.Tensor, lse: torch.Tensor, scale: float, valid: torch.Tensor,
              query_weight: Optional[torch.Tensor] = None,
-             x0: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, object]:
+             x0: Optional[torch.Tensor] = None, floor: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, object]:
     """Fit ``beta = log w`` so that the compacted keys reproduce each query's attention mass.
 
     Solves, per problem, ``min_{w >= 0} sum_i (sum_j exp(scale q_i.c_j - lse_i) w_j - 1)^2``
@@ -37,6 +38,9 @@ def fit_beta(Q: torch.Tensor, C: torch.Tensor, lse: torch.Tensor, scale: float, 
         valid: ``[P, t]`` bool, False for padding slots.
         query_weight: optional ``[P, N]`` 0/1 weights (0 excludes a padded query).
         x0: optional ``[P, t]`` warm start of the NNLS solver (e.g. the previous weights).
+        floor: optional ``[P, t]`` bool: those slots keep ``w >= WEIGHT_FLOOR`` (``beta >= -3``), as
+            the authors' fit clamps every weight, unless their key has no attention mass at all
+            (every ``exp`` underflows). Used for slots the refill rounds could not make live.
 
     Returns:
         ``beta`` ``[P, t]`` float32 (``-inf`` where ``w = 0`` or the slot is padding: such a key
@@ -44,18 +48,36 @@ def fit_beta(Q: torch.Tensor, C: torch.Tensor, lse: torch.Tensor, scale: float, 
     """
     shift = lse if query_weight is None else _masked_shift(lse, query_weight)
     G, R = exp_gram(Q, C.float(), None, shift, scale, None)
-    return _solve_mass(G, R[..., 0], Q.shape[1], valid, x0)
+    return _solve_mass(G, R[..., 0], Q.shape[1], valid, x0, floor)
 
 
-def _solve_mass(G, h, N, valid, x0):
-    """NNLS of the mass fit from its Gram system (see :func:`fit_beta`): ``(beta, result)``."""
+# The floor on a key's weight ``w = exp(beta)`` in a floored re-solve (:func:`fit_beta`'s ``floor``):
+# the lower clamp of the authors' reference fit (``w`` in ``[e^-3, e^3]``). ``w`` is relative to the
+# key's own attention (``w = 1``: it counts as itself), about ``T / t`` on average.
+WEIGHT_FLOOR = math.exp(-3.0)
+
+
+def _solve_mass(G, h, N, valid, x0, floor=None):
+    """NNLS of the mass fit from its Gram system (see :func:`fit_beta`): ``(beta, result)``.
+
+    ``floor`` ``[P, t]`` bool: those slots are solved with ``w >= WEIGHT_FLOOR`` (as ``w = l + w'``,
+    ``w' >= 0``: the same Gram matrix, right-hand side ``h - G l``), where their key has any mass
+    (``G_jj > 0``; a key whose attention underflows everywhere stays at ``w >= 0``)."""
     G, h = _mask_problem(G, h, valid)
     G, h = G / N, h / N
+    low = None
+    if floor is not None:
+        low = (floor & valid & (torch.diagonal(G, dim1=-2, dim2=-1) > 0)).to(G.dtype) * WEIGHT_FLOOR
+        h = h - (G @ low[:, :, None])[:, :, 0]
+        if x0 is not None:
+            x0 = x0.float() - low
     res = nnls_gram(G, h, x0=None if x0 is None else (x0.float() * valid).clamp(min=0))
     w = res.x.float().clamp(min=0) * valid
     bad = ~res.converged.to(torch.bool)
     if bool(bad.any()):
         w = torch.where(bad[:, None], _better_of_uniform(G.float(), h.float(), w, valid), w)
+    if low is not None:
+        w = w + low.float()
     beta = torch.log(w)  # log(0) = -inf: the key is dropped
     return beta, res
 
@@ -103,13 +125,14 @@ class MassGram:
         self.h.scatter_(1, cols, An.sum(1))
 
     def solve(self, valid: torch.Tensor, x0: Optional[torch.Tensor] = None,
-              problems: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, object]:
-        """``(beta, NNLSResult)`` of the current slots, as :func:`fit_beta` returns, for all problems
-        or only the ``problems`` (int64 indices; ``beta`` is then ``[len(problems), t]``)."""
+              problems: Optional[torch.Tensor] = None,
+              floor: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, object]:
+        """``(beta, NNLSResult)`` of the current slots, as :func:`fit_beta` returns (``floor`` too), for
+        all problems or only the ``problems`` (int64 indices; ``beta`` is then ``[len(problems), t]``)."""
         if problems is None:
-            return _solve_mass(self.G, self.h, self.Q.shape[1], valid, x0)
+            return _solve_mass(self.G, self.h, self.Q.shape[1], valid, x0, floor)
         return _solve_mass(self.G[problems], self.h[problems], self.Q.shape[1], valid[problems],
-                           None if x0 is None else x0[problems])
+                           None if x0 is None else x0[problems], None if floor is None else floor[problems])
 
 
 def _nnls_objective(G, h, w):
