@@ -451,3 +451,27 @@ def test_fit_beta_floor_only_where_a_key_has_mass():
     w1 = torch.exp(beta1[0])
     assert (w1[:5] >= WEIGHT_FLOOR * (1 - 1e-5)).all(), w1
     assert torch.isneginf(beta1[0, 5]), beta1  # no mass: the floor does not apply
+
+
+def test_residual_gain_matches_dense_float64():
+    from cdlm_fast.compaction.select import residual_gain
+
+    g = torch.Generator().manual_seed(7)
+    P, N, T, D, t = 3, 37, 53, 8, 6
+    Q, K = torch.randn(P, N, D, generator=g), torch.randn(P, T, D, generator=g)
+    scale = D ** -0.5
+    S = scale * Q.double() @ K.double().transpose(1, 2)
+    lse = torch.logsumexp(S, -1)
+    A = torch.exp(S - lse[:, :, None])  # [P, N, T]
+    sel = torch.randperm(T, generator=g)[:t]
+    w = torch.rand(P, t, generator=g, dtype=torch.float64) * 5
+    qw = (torch.rand(P, N, generator=g) > 0.2).float()
+    bias = torch.zeros(P, T)
+    bias[:, 3] = float("-inf")
+    r = (qw.double() - (A[:, :, sel] @ w[:, :, None])[:, :, 0]) * qw.double()
+    want = (A.transpose(1, 2) @ r[:, :, None])[:, :, 0] / A.norm(dim=1)
+    got = residual_gain(Q, K, lse.float(), scale, A[:, :, sel].float(), w.float(), bias, query_weight=qw)
+    assert torch.isneginf(got[:, 3]).all()
+    keep = torch.arange(T) != 3
+    err = (got[:, keep].double() - want[:, keep]).norm() / want[:, keep].norm()
+    assert err < 1e-5, err

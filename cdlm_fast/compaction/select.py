@@ -22,7 +22,7 @@ from ..ops.gram import exp_gram
 from ..ops.solvers import nnls_gram
 
 __all__ = ["softmax_weight_chunks", "highest_attention_scores", "top_keys", "omp_select", "forced_keys",
-           "refill_slots", "sort_slots"]
+           "refill_slots", "residual_gain", "sort_slots"]
 
 
 def _chunk_size(P: int, N: int, budget_elems: int) -> int:
@@ -192,6 +192,25 @@ def forced_keys(counts: torch.Tensor, T: int, sinks: int = 0, window=0,
     win = torch.as_tensor(window, device=dev).reshape(-1, 1)
     w = torch.minimum((counts[:, None] - s).clamp(min=0), win)
     return real & ((pos < s) | (pos >= n_real - w))
+
+
+def residual_gain(Q, K, lse, scale, A_sel: torch.Tensor, w: torch.Tensor, key_bias=None, *,
+                  query_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Per-key gain ``[P, T]`` of adding a key to a mass fit: the correlation ``a_j^T r / ||a_j||`` of
+    its softmax-weight column ``a_j`` with the residual ``r = 1 - A_sel w`` (``A_sel`` ``[P, N, t]``
+    the selected columns, ``w`` ``[P, t]`` their weights). A key with positive gain lowers the NNLS
+    objective when it enters, so it gets a positive weight (the OMP criterion)."""
+    P, N, _ = Q.shape
+    qw = torch.ones(P, N, device=Q.device) if query_weight is None else query_weight.float()
+    r = ((qw - torch.bmm(A_sel, w[:, :, None].to(A_sel.dtype))[:, :, 0].float()) * qw)[:, None, :]
+    out = torch.empty(P, K.shape[1], dtype=torch.float32, device=Q.device)
+    for s, A in softmax_weight_chunks(Q, K, lse, scale, key_bias, budget_elems=1 << 22):
+        corr = torch.bmm(r, A)[:, 0]
+        norm = A.square_().sum(1).sqrt_()
+        out[:, s:s + A.shape[-1]] = corr / norm.clamp(min=1e-30)
+    if key_bias is not None:
+        out = out.masked_fill(torch.isneginf(key_bias), float("-inf"))
+    return out
 
 
 def refill_slots(idx: torch.Tensor, valid: torch.Tensor, dead: torch.Tensor, used: torch.Tensor,
