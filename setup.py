@@ -5,9 +5,6 @@ torch are present (a GPU is not needed to build). Environment variables:
 
 * ``CDLM_FAST_BUILD_CUDA``: ``auto`` (default: build if possible, install without it if the
   build fails), ``1`` (a missing toolchain or a failed build is an error), ``0`` (skip).
-* ``CDLM_FAST_BUILD_CPU``: the same three values for the small C++ CPU extension
-  ``cdlm_fast._cpu`` (the decode hot path of the CPU attention as one dispatcher call; any C++
-  compiler and torch suffice). Without it the same path runs in Python, a little slower.
 * ``CDLM_FAST_CUDA_ARCHS``: semicolon-separated SM targets, default ``80;90a``.
 * ``MAX_JOBS``: parallel compile jobs (ninja), as in PyTorch.
 * ``CUDA_HOME``: the CUDA toolkit; found from ``/usr/local/cuda`` or ``nvcc`` on PATH otherwise.
@@ -26,9 +23,6 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 MODE = os.environ.get("CDLM_FAST_BUILD_CUDA", "auto").strip().lower()
 if MODE not in ("auto", "0", "1"):
     sys.exit(f"CDLM_FAST_BUILD_CUDA must be auto, 0 or 1, got {MODE!r}")
-CPU_MODE = os.environ.get("CDLM_FAST_BUILD_CPU", "auto").strip().lower()
-if CPU_MODE not in ("auto", "0", "1"):
-    sys.exit(f"CDLM_FAST_BUILD_CPU must be auto, 0 or 1, got {CPU_MODE!r}")
 
 
 def _find_cuda_home():
@@ -66,27 +60,27 @@ def _arch_flags():
 
 
 def _cuda_extension():
-    """(ext_modules, reason) for the CUDA extension: ([ext], None), or ([], why not)."""
+    """(ext_modules, cmdclass) for the CUDA extension, or ([], {}) with a reason."""
     if MODE == "0":
-        return [], "CDLM_FAST_BUILD_CUDA=0"
+        return [], {}, "CDLM_FAST_BUILD_CUDA=0"
     cuda_home = _find_cuda_home()
     if cuda_home is None:
-        return [], "nvcc not found (set CUDA_HOME)"
+        return [], {}, "nvcc not found (set CUDA_HOME)"
     os.environ.setdefault("CUDA_HOME", cuda_home)
     try:
         import torch
         from torch.utils.cpp_extension import BuildExtension, CUDAExtension
     except ImportError as e:
-        return [], f"torch is not importable ({e}); install torch first and use --no-build-isolation"
+        return [], {}, f"torch is not importable ({e}); install torch first and use --no-build-isolation"
     if torch.version.cuda is None:
-        return [], f"torch {torch.__version__} is not a CUDA build"
+        return [], {}, f"torch {torch.__version__} is not a CUDA build"
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
     if not sources:
-        return [], "no sources in csrc/"
+        return [], {}, "no sources in csrc/"
     include_dirs = [os.path.join(ROOT, "csrc")]
     cutlass = _cutlass_include()
     if cutlass is None:
-        return [], "CUTLASS headers not found: pip install nvidia-cutlass (or set CUTLASS_INCLUDE)"
+        return [], {}, "CUTLASS headers not found: pip install nvidia-cutlass (or set CUTLASS_INCLUDE)"
     include_dirs.append(cutlass)
     nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "--expt-relaxed-constexpr",
                   "--expt-extended-lambda", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
@@ -98,59 +92,27 @@ def _cuda_extension():
         include_dirs=include_dirs,
         extra_compile_args={"cxx": ["-O3", "-std=c++20", "-DNDEBUG"], "nvcc": nvcc_flags},
     )
-    return [ext], None
-
-
-def _cpu_extension():
-    """(ext_modules, reason) for the C++ CPU extension ``cdlm_fast._cpu``."""
-    if CPU_MODE == "0":
-        return [], "CDLM_FAST_BUILD_CPU=0"
-    try:
-        from torch.utils.cpp_extension import CppExtension
-    except ImportError as e:
-        return [], f"torch is not importable ({e}); install torch first and use --no-build-isolation"
-    sources = sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    if not sources:
-        return [], "no sources in csrc/cpu/"
-    return [CppExtension(name="cdlm_fast._cpu", sources=sources,
-                         extra_compile_args=["-O2", "-std=c++20", "-DNDEBUG"])], None
-
-
-def _build_cmdclass(modes):
-    """``build_ext`` compiling each extension once at install time; where its mode is ``auto`` a
-    failed build only warns (``modes``: extension name -> (mode, variable, what is lost))."""
-    from torch.utils.cpp_extension import BuildExtension
 
     class Build(BuildExtension):
+        """Compile once at install time; in ``auto`` mode a failed build only warns."""
+
         def build_extension(self, extension):
-            mode, var, lost = modes[extension.name]
             try:
                 super().build_extension(extension)
             except Exception as e:  # noqa: BLE001 - any compiler failure
-                if mode == "1":
+                if MODE == "1":
                     raise
-                print(f"WARNING: {extension.name} failed to build ({e}); installing without {lost}. "
-                      f"Set {var}=1 to make this an error.", file=sys.stderr)
+                print(f"WARNING: cdlm_fast._C failed to build ({e}); installing without the CUDA backend. "
+                      "Set CDLM_FAST_BUILD_CUDA=1 to make this an error.", file=sys.stderr)
 
-    return {"build_ext": Build.with_options(use_ninja=shutil.which("ninja") is not None)}
+    return [ext], {"build_ext": Build.with_options(use_ninja=shutil.which("ninja") is not None)}, None
 
 
-ext_modules, cmdclass = [], {}
-cuda_exts, reason = _cuda_extension()
+ext_modules, cmdclass, reason = _cuda_extension()
 if reason:
     if MODE == "1":
         sys.exit(f"CDLM_FAST_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
     print(f"cdlm_fast: building without the CUDA extension: {reason}", file=sys.stderr)
-cpu_exts, cpu_reason = _cpu_extension()
-if cpu_reason:
-    if CPU_MODE == "1":
-        sys.exit(f"CDLM_FAST_BUILD_CPU=1 but the CPU extension cannot be built: {cpu_reason}")
-    print(f"cdlm_fast: building without the CPU extension: {cpu_reason}", file=sys.stderr)
-ext_modules = cuda_exts + cpu_exts
-if ext_modules:
-    cmdclass = _build_cmdclass({"cdlm_fast._C": (MODE, "CDLM_FAST_BUILD_CUDA", "the CUDA backend"),
-                                "cdlm_fast._cpu": (CPU_MODE, "CDLM_FAST_BUILD_CPU",
-                                                   "the C++ CPU decode path (the Python one is used)")})
 
 packages = find_packages(include=["cdlm_fast", "cdlm_fast.*"]) + ["cdlm_fast.kernels"]
 

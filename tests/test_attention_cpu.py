@@ -110,23 +110,6 @@ def test_int_lengths_fast_path(case, dtype, monkeypatch):
     assert not calls
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("case", [c for c, spec in CASES.items() if isinstance(spec[6], int) and spec[9] is None])
-def test_cpu_extension_matches_python_path(case, dtype, monkeypatch):
-    """The C++ op of the shared-limit path (``cdlm_fast._cpu``, where it was built) gives what its
-    Python steps give, bit for bit (dead heads included); without it the Python steps run."""
-    if attention_cpu._CPU_OP is None:
-        pytest.skip("cdlm_fast._cpu was not built (no C++ compiler at install time, or CDLM_FAST_BUILD_CPU=0)")
-    q, k, v, bias, kw = _inputs(case, dtype, seed=3)
-    kw["prefix_len"] = int(kw["prefix_len"][0])
-    ext = cdlm_fast.attention(q, k, v, bias=bias, return_lse=True, **kw)
-    monkeypatch.setattr(attention_cpu, "_CPU_OP", None)
-    py = cdlm_fast.attention(q, k, v, bias=bias, return_lse=True, **kw)
-    assert ext[0].dtype == py[0].dtype == q.dtype and ext[1].dtype == py[1].dtype
-    assert torch.equal(ext[0], py[0]) and torch.equal(ext[1], py[1])
-    _check(*ext, q, k, v, bias, kw, dtype)
-
-
 def test_fast_path_leaves_bad_arguments_to_the_checks():
     """Arguments the one-pass path does not accept still get the general path's precise errors."""
     q, k, v, bias, kw = _inputs("decode-aligned", torch.float32)

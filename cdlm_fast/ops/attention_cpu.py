@@ -51,7 +51,6 @@ for decode blocks.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, List, Optional, Tuple
 
 import torch
@@ -63,21 +62,6 @@ __all__ = ["attention_torch", "key_limits", "visible_mask", "shared_call", "QUER
 QUERY_TILE = 256
 
 _FLASH_CPU: Optional[Callable] = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-
-
-def _load_cpu_op() -> Optional[Callable]:
-    """``torch.ops.cdlm_fast_cpu.shared_attention`` from the C++ extension ``cdlm_fast._cpu`` (built at
-    install time when a C++ compiler is there), or ``None``: :func:`_shared` then runs in Python."""
-    if _FLASH_CPU is None or os.environ.get("CDLM_FAST_CPU_EXT", "1") == "0":
-        return None
-    try:
-        from .. import _cpu  # noqa: F401  (registers the op)
-    except ImportError:
-        return None
-    return torch.ops.cdlm_fast_cpu.shared_attention.default
-
-
-_CPU_OP: Optional[Callable] = _load_cpu_op()
 
 
 def key_limits(prefix_len: torch.Tensor, block_size: Optional[int], q_offset: int, lq: int, lk: int,
@@ -233,8 +217,6 @@ def _shared(q, k, v, bias_c, lim, scale, cdt):
     if lim < Lk:
         k, v = k[:, :, :lim], v[:, :, :lim]
         bias_c = None if bias_c is None else bias_c[:, :, :lim]
-    if _CPU_OP is not None and q.device.type == "cpu":  # the steps below in one C++ call
-        return _CPU_OP(q, k, v, bias_c, scale)
     mask = None if bias_c is None else bias_c.unsqueeze(2)  # [B, Hkv, 1, lim]
     out, lse = _part(q.reshape(B, Hkv, Hq // Hkv * Lq, D), k, v, mask, scale, cdt)
     lse = lse.reshape(B, Hq, Lq)
