@@ -470,8 +470,27 @@ def test_residual_gain_matches_dense_float64():
     bias[:, 3] = float("-inf")
     r = (qw.double() - (A[:, :, sel] @ w[:, :, None])[:, :, 0]) * qw.double()
     want = (A.transpose(1, 2) @ r[:, :, None])[:, :, 0] / A.norm(dim=1)
-    got = residual_gain(Q, K, lse.float(), scale, A[:, :, sel].float(), w.float(), bias, query_weight=qw)
+    fitted = (A[:, :, sel] @ w[:, :, None])[:, :, 0]
+    got = residual_gain(Q, K, lse.float(), scale, fitted.float(), bias, query_weight=qw)
     assert torch.isneginf(got[:, 3]).all()
     keep = torch.arange(T) != 3
     err = (got[:, keep].double() - want[:, keep]).norm() / want[:, keep].norm()
     assert err < 1e-5, err
+
+
+def test_refill_without_the_kept_design_matrix(monkeypatch):
+    # where A is not kept (a GPU, or too large), the refill measures each query's fitted mass through
+    # the attention op: the same slots are refilled and the fit is as good
+    from cdlm_fast.compaction.fit import MassGram
+
+    k, v, q = _structured(B=1, Hkv=2, G=2, T=120, n=90, seed=11)
+    st_kept, st_op = {}, {}
+    kept = compact_layer(k, v, q, 30, ridge=0.0, stats=st_kept)
+    monkeypatch.setattr(MassGram, "MAX_BYTES", 0)
+    via_op = compact_layer(k, v, q, 30, ridge=0.0, stats=st_op)
+    assert st_kept["slots_refilled"] > 0 and st_op["slots_refilled"] == st_kept["slots_refilled"]
+    assert torch.equal(kept.indices, via_op.indices)
+    assert st_op["dead_slots"] == 0
+    e_kept, _ = _errors(k, v, kept, q)
+    e_op, _ = _errors(k, v, via_op, q)
+    assert abs(e_kept - e_op) < 1e-3, (e_kept, e_op)

@@ -37,10 +37,9 @@ import torch
 
 from .. import _validate as V
 from ..ops.attention import attention
-from ..ops.gram import exp_rows
-from .fit import MassGram, fit_beta, fit_values
+from .fit import MassGram, compacted_lse, fit_beta, fit_values
 from .refine import refine
-from .select import (_gather_keys, _masked_shift, forced_keys, highest_attention_scores, omp_select, refill_slots,
+from .select import (_gather_keys, forced_keys, highest_attention_scores, omp_select, refill_slots,
                      residual_gain, sort_slots, top_keys)
 from .types import CompactedLayer
 
@@ -354,9 +353,13 @@ def compact_layer(
         # enter the NNLS with a positive weight, where the next keys by selection score mostly
         # duplicate kept ones and die again (measured on SmolLM2: lower held-out error in one round
         # than eight rounds by score, at 5x to 50x)
-        A_sel = gram.A if gram is not None else exp_rows(Qp, C.float(), _masked_shift(lsep, qwf), scale)
-        w_live = torch.exp(beta).masked_fill(dead | ~valid, 0.0)
-        gain = residual_gain(Qp, Kp, lsep, scale, A_sel, w_live, kbp, query_weight=qwf)
+        live = valid & ~dead
+        if gram is not None:  # each query's fitted mass from the kept design matrix
+            fitted = torch.bmm(gram.A, torch.exp(beta).masked_fill(~live, 0.0)[:, :, None])[:, :, 0]
+        else:  # or through the attention op (no [P, N, t] matrix on a GPU)
+            fitted = torch.exp(compacted_lse(Qp, C, beta.masked_fill(~live, float("-inf")), scale, backend)
+                               - lsep)
+        gain = residual_gain(Qp, Kp, lsep, scale, fitted, kbp, query_weight=qwf)
         idx, valid = refill_slots(idx, valid, dead, used, gain)
         w0 = torch.exp(beta).masked_fill(dead | ~valid, 0.0)  # warm start: new keys start at 0
     dead = _dead_slots(beta, valid)

@@ -194,15 +194,15 @@ def forced_keys(counts: torch.Tensor, T: int, sinks: int = 0, window=0,
     return real & ((pos < s) | (pos >= n_real - w))
 
 
-def residual_gain(Q, K, lse, scale, A_sel: torch.Tensor, w: torch.Tensor, key_bias=None, *,
+def residual_gain(Q, K, lse, scale, fitted: torch.Tensor, key_bias=None, *,
                   query_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-key gain ``[P, T]`` of adding a key to a mass fit: the correlation ``a_j^T r / ||a_j||`` of
-    its softmax-weight column ``a_j`` with the residual ``r = 1 - A_sel w`` (``A_sel`` ``[P, N, t]``
-    the selected columns, ``w`` ``[P, t]`` their weights). A key with positive gain lowers the NNLS
-    objective when it enters, so it gets a positive weight (the OMP criterion)."""
+    its softmax-weight column ``a_j`` with the residual ``r = 1 - fitted`` (``fitted`` ``[P, N]``: each
+    query's mass over the current slots, relative to its original mass). A key with positive gain
+    lowers the NNLS objective when it enters, so it gets a positive weight (the OMP criterion)."""
     P, N, _ = Q.shape
     qw = torch.ones(P, N, device=Q.device) if query_weight is None else query_weight.float()
-    r = ((qw - torch.bmm(A_sel, w[:, :, None].to(A_sel.dtype))[:, :, 0].float()) * qw)[:, None, :]
+    r = ((qw - fitted.float()) * qw)[:, None, :]
     out = torch.empty(P, K.shape[1], dtype=torch.float32, device=Q.device)
     for s, A in softmax_weight_chunks(Q, K, lse, scale, key_bias, budget_elems=1 << 22):
         corr = torch.bmm(r, A)[:, 0]
