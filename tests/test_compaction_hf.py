@@ -11,6 +11,7 @@ from transformers import DynamicCache  # noqa: E402
 from cdlm_fast.compaction import (CompactedCache, CompactedDynamicCache, CompactedLayer,  # noqa: E402
                                   compact_model_cache)
 from cdlm_fast.compaction.hf_cache import CompactedCacheLayer  # noqa: E402
+from cdlm_fast._hf_compat import cache_kwargs  # noqa: E402
 from cdlm_fast.compaction.queries import prefill_with_queries  # noqa: E402
 from tiny_models import model_classes  # noqa: E402
 
@@ -53,7 +54,7 @@ def _eager_reference(model, comp, new):
     pos = torch.arange(T, T + Lq)[None].expand(B, -1)
     model.set_attn_implementation("eager")
     with torch.no_grad():
-        return model(new, past_key_values=dc, attention_mask=mask, position_ids=pos).logits
+        return model(new, **cache_kwargs(model, dc), attention_mask=mask, position_ids=pos).logits
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -97,7 +98,7 @@ def test_compacted_cache_bias_and_logical_positions(arch):
     new = ids[:, T:]
     model.set_attn_implementation("cdlm_fast")
     with torch.no_grad():
-        out = model(new, past_key_values=cache, attention_mask=torch.ones(2, ids.shape[1], dtype=torch.long)).logits
+        out = model(new, **cache_kwargs(model, cache), attention_mask=torch.ones(2, ids.shape[1], dtype=torch.long)).logits
     assert cache.get_seq_length() == ids.shape[1]
     assert cache.layers[0].keys.shape[2] == len(keep) + new.shape[1]
     ref = _eager_reference(model, comp, new)
@@ -115,7 +116,7 @@ def test_generate_continues_from_logical_length(arch):
     cache = CompactedDynamicCache.from_compacted(comp, config=model.config)
     model.set_attn_implementation("cdlm_fast")
     with torch.no_grad():
-        gen = model.generate(ids, past_key_values=cache, max_new_tokens=4, do_sample=False)
+        gen = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=4, do_sample=False)
     assert gen.shape == (1, 34) and torch.equal(gen[:, :30], ids)
     assert cache.get_seq_length() == 33  # T + 6 prompt tokens + 3 fed-back tokens
     # step-by-step greedy decoding with the eager reference gives the same tokens
@@ -125,7 +126,7 @@ def test_generate_continues_from_logical_length(arch):
     cache2 = CompactedDynamicCache.from_compacted(comp2)
     model.set_attn_implementation("cdlm_fast")
     with torch.no_grad():
-        gen2 = model.generate(ids, past_key_values=cache2, max_new_tokens=3, do_sample=False)
+        gen2 = model.generate(ids, **cache_kwargs(model, cache2), max_new_tokens=3, do_sample=False)
     ref_tokens = []
     seq = ids[:, T:]
     for _ in range(3):
@@ -219,7 +220,7 @@ def test_compact_model_cache_end_to_end(queries):
     assert "T=60" in report.summary()
     model.set_attn_implementation("cdlm_fast")
     with torch.no_grad():
-        out = model.generate(torch.cat([ids, ids[:, :2]], 1), past_key_values=cache, max_new_tokens=3,
+        out = model.generate(torch.cat([ids, ids[:, :2]], 1), **cache_kwargs(model, cache), max_new_tokens=3,
                              do_sample=False)
     assert out.shape == (1, 65)
 
@@ -275,9 +276,9 @@ def test_hybrid_models_compact_full_layers_only(arch):
         ref_logits = model(ref).logits[:, T:]
     model.set_attn_implementation("cdlm_fast")
     with torch.no_grad():
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
+        out = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=6, do_sample=False)
         cache2 = CompactedDynamicCache.from_compacted(comp, config=model.config)
-        logits = model(ref[:, T:], past_key_values=cache2).logits
+        logits = model(ref[:, T:], **cache_kwargs(model, cache2)).logits
     assert torch.equal(out, ref)
     assert (logits - ref_logits).abs().max() < 1e-3
     # a real budget compacts the full-attention layers only
@@ -320,10 +321,10 @@ def test_compacted_cache_without_cdlm_fast_attention_is_a_clear_error():
     cache, _ = compact_model_cache(model, ids[:, :32], ratio=4, holdout=0, progress=False)
     model.set_attn_implementation("sdpa")
     with torch.no_grad(), pytest.raises(RuntimeError, match="set_attn_implementation\\('cdlm_fast'\\)"):
-        model(ids[:, 32:], past_key_values=cache)
+        model(ids[:, 32:], **cache_kwargs(model, cache))
     model.set_attn_implementation("cdlm_fast")
     with torch.no_grad():
-        assert torch.isfinite(model(ids[:, 32:], past_key_values=cache).logits).all()
+        assert torch.isfinite(model(ids[:, 32:], **cache_kwargs(model, cache)).logits).all()
 
 
 def test_old_transformers_is_refused_with_the_requirement():
@@ -345,4 +346,4 @@ def test_global_allocation_end_to_end_keeps_the_total():
     assert sum(int(layer.counts.sum()) for layer in comp.layers) == 40
     model.set_attn_implementation("cdlm_fast")
     with torch.no_grad():
-        assert torch.isfinite(model(ids[:, :3], past_key_values=cache).logits).all()
+        assert torch.isfinite(model(ids[:, :3], **cache_kwargs(model, cache)).logits).all()
