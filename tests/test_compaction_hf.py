@@ -2,6 +2,8 @@
 
 Tiny random Llama / Qwen2 / Qwen3 models (transformers >= 5.0; tested with 5.23).
 """
+import math
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from cdlm_fast.compaction import (CompactedCache, CompactedDynamicCache, Compact
                                   compact_model_cache)
 from cdlm_fast.compaction.hf_cache import CompactedCacheLayer  # noqa: E402
 from cdlm_fast._hf_compat import cache_kwargs  # noqa: E402
-from cdlm_fast.compaction.queries import prefill_with_queries  # noqa: E402
+from cdlm_fast.compaction.queries import prefill_with_heldout_queries, prefill_with_queries  # noqa: E402
 from tiny_models import model_classes  # noqa: E402
 
 ARCHS = ["llama", "qwen2", "qwen3"]
@@ -313,6 +315,31 @@ def test_several_ratios_from_one_prefill_match_single_calls():
     assert many[0][1].times["prefill"] > 0 and many[1][1].times["prefill"] == 0
     with pytest.raises(ValueError, match="ratio"):
         compact_model_cache(model, ids, ratio=[2, 0.5], progress=False)
+
+
+def test_holdout_evaluates_on_context_queries_and_leaves_the_fit_alone():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 101, (1, 40))
+    kw = dict(ratio=4, progress=False, return_compacted=True)
+    _, rep0, comp0 = compact_model_cache(model, ids, holdout=0, **kw)
+    _, rep8, comp8 = compact_model_cache(model, ids, holdout=8, **kw)
+    # every repeat query fits either way (no tokenizer: the suffix is the context itself, 40 queries)
+    assert rep0.fit_queries == rep8.fit_queries == 40
+    assert rep0.heldout_queries == 0 and rep0.layers == []
+    assert rep8.heldout_queries == 8 and len(rep8.layers) == model.config.num_hidden_layers
+    assert all(math.isfinite(d["rel_error"]) for d in rep8.layers)
+    for a, b in zip(comp0.layers, comp8.layers):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.bias, b.bias) and torch.equal(a.values, b.values)
+    # the held-out queries are the context's own queries at those positions, from the same forward
+    pos = torch.tensor([0, 5, 39])
+    kv, qs, suffix, held = prefill_with_heldout_queries(model, ids, "repeat", None, pos)
+    _, qc, _ = prefill_with_queries(model, ids, "context")
+    assert qs[1].shape == (1, 4, 40, 16) and torch.equal(suffix, ids)
+    assert torch.allclose(held[1], qc[1][:, :, pos], atol=1e-5)
+    with pytest.raises(ValueError, match="heldout_positions"):
+        prefill_with_heldout_queries(model, ids, "repeat", None, torch.tensor([40]))
+    with pytest.raises(ValueError, match="mode"):
+        prefill_with_heldout_queries(model, ids, "context", None, pos)
 
 
 def test_compacted_cache_without_cdlm_fast_attention_is_a_clear_error():

@@ -10,7 +10,8 @@ import torch
 
 from .core import METHODS, allocate_counts, compact_layer
 from .hf_cache import CompactedCacheLayer, CompactedDynamicCache, attention_layer_types
-from .queries import (QUERY_MODES, capture_layer_queries, instruction_ids, prefill_with_queries, subsample)
+from .queries import (QUERY_MODES, capture_layer_queries, instruction_ids, prefill_with_heldout_queries,
+                      prefill_with_queries, subsample)
 from .quality import attention_match_metrics
 from .types import CompactedCache, CompactedLayer
 
@@ -37,7 +38,8 @@ class CompactionReport:
             ``"usable_slots"`` and ``"stored_slots"`` (slots held in memory, padding included:
             the memory cost of non-uniform budgets).
         fit_queries, heldout_queries: reference queries per query head and layer used by the
-            fit and kept out of it for the metrics (``holdout``); the two sets are disjoint.
+            fit, and used only for the metrics (``holdout``; in the repeat modes queries of the
+            context's own prefill, see :func:`compact_model_cache`); the two sets are disjoint.
         ratio: the compression ratio ``T / t`` asked for.
     """
 
@@ -168,11 +170,15 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: Union[float, S
                         progress: bool = True, return_compacted: bool = False, **kwargs):
     """Prefill ``input_ids``, compact every layer's KV cache by Attention Matching, report quality.
 
-    Which queries fit and which evaluate: per layer, the reference queries are split at random
-    (``seed``) into ``holdout`` held-out queries, used only for the report's metrics, and at most
-    ``max_queries`` fit queries (the rest), which are the only ones the compaction sees. So
-    ``holdout`` changes the fit (fewer fit queries); ``holdout=0`` fits on all of them and
-    reports no metrics.
+    Which queries fit and which evaluate: with ``queries="repeat"`` / ``"on_policy"`` every
+    reference query of the repeated context fits (a random ``max_queries`` of them at most), and
+    the report's metrics come from ``holdout`` queries of the context's own prefill at random
+    positions (``seed``), captured in the same forward: no fit query is taken away, so
+    ``holdout`` does not change the compacted cache. (Taking them from the fit queries did:
+    recall of facts planted in a 2K SmolLM2 context fell from NLL 0.74 to 0.98-1.00 at 20x with
+    256 of about 2070 fit queries held out.) With ``queries="context"`` the context's queries are
+    split at random into ``holdout`` held-out and at most ``max_queries`` fit queries, so there
+    ``holdout`` removes fit queries. ``holdout=0`` reports no metrics.
 
     Args:
         model: transformers causal LM (Llama, Qwen2, Qwen3, Gemma-3, ...). Full-attention layers
@@ -184,7 +190,8 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: Union[float, S
         method: ``"highest_attention"``, ``"omp"`` or ``"omp_fast"``.
         queries: ``"repeat"`` (repeat-prefill), ``"on_policy"`` or ``"context"``.
         max_queries: cap on fit queries per layer (random subsample) before GQA stacking.
-        holdout: queries per layer kept out of the fit for the report's metrics.
+        holdout: held-out queries per layer for the report's metrics (see above; at most a
+            quarter of ``T``).
         tokenizer: used to tokenize the repeat instruction (without it the context is simply
             repeated). instruction: override the instruction text.
         ridge: relative ridge of the value fit, or ``"auto"`` (per head, by held-out error).
@@ -228,14 +235,20 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: Union[float, S
     if queries != "context":
         instr = instruction_ids(tokenizer, **({"instruction": instruction} if instruction else {}),
                                 device=input_ids.device)
-    kv, qs, suffix = prefill_with_queries(model, input_ids, queries, instr)
+    held = None
+    T = input_ids.shape[1]
+    if queries == "context" or holdout <= 0:
+        kv, qs, suffix = prefill_with_queries(model, input_ids, queries, instr)
+    else:  # held-out queries from the context's own prefill, every repeat query fits
+        pos = torch.randperm(T, generator=torch.Generator().manual_seed(seed))[:min(int(holdout), T // 4)]
+        kv, qs, suffix, held = prefill_with_heldout_queries(model, input_ids, queries, instr, pos.sort().values)
     t_prefill = time.perf_counter() - t0
     results = []
     for r in ratios:
         report = CompactionReport(method=method, queries=queries, logical_length=input_ids.shape[1], ratio=float(r))
         report.times["prefill"] = t_prefill if not results else 0.0
         out = _compact_prefilled(model, kv, qs, suffix, report, budget=1.0 / float(r), method=method,
-                                 queries=queries, max_queries=max_queries, holdout=holdout, ridge=ridge,
+                                 queries=queries, max_queries=max_queries, holdout=holdout, held=held, ridge=ridge,
                                  allocation=allocation, seed=seed, scale=scale, progress=progress, sinks=sinks,
                                  window=window, **kwargs)
         cache, compacted = out
@@ -244,9 +257,14 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: Union[float, S
 
 
 def _compact_prefilled(model, kv, qs, suffix, report: CompactionReport, *, budget, method, queries, max_queries,
-                       holdout, ridge, allocation, seed, scale, progress, **kwargs):
-    """Compact the prefilled ``kv`` layer by layer (fills ``report``): ``(cache, compacted)``."""
+                       holdout, held, ridge, allocation, seed, scale, progress, **kwargs):
+    """Compact the prefilled ``kv`` layer by layer (fills ``report``): ``(cache, compacted)``.
+
+    ``held``: layer -> held-out queries captured apart from ``qs`` (then every query of ``qs`` may
+    fit), or ``None`` (``holdout`` queries of ``qs`` are split off)."""
     gen = torch.Generator().manual_seed(seed)
+    if held is not None:
+        holdout = 0
     T = kv[0][0].shape[2]
     L = len(kv)
     types = attention_layer_types(model.config)
@@ -274,6 +292,8 @@ def _compact_prefilled(model, kv, qs, suffix, report: CompactionReport, *, budge
         else:
             q_all = qs[i]
         q_fit, q_held = subsample(q_all, max_queries, gen, holdout)
+        if held is not None:
+            q_held = held[i]
         report.fit_queries = q_fit.shape[2]
         report.heldout_queries = 0 if q_held is None else q_held.shape[2]
         t2 = time.perf_counter()

@@ -57,18 +57,26 @@ class QueryCapture:
         layers: layer indices to record (``None``: all).
         start, stop: slice of the query positions of each forward to keep.
         stop_after: raise :class:`StopForward` after this layer has been recorded.
+        extra: optional 1-D int64 tensor of further query positions of each forward to keep apart
+            (e.g. held-out queries outside ``[start, stop)``), recorded in ``extra_queries``.
         queries: layer index -> list of recorded ``[B, Hq, l, D]`` tensors (detached).
+        extra_queries: layer index -> list of recorded ``[B, Hq, len(extra), D]`` tensors.
     """
 
     layers: Optional[Sequence[int]] = None
     start: int = 0
     stop: Optional[int] = None
     stop_after: Optional[int] = None
+    extra: Optional[torch.Tensor] = None
     queries: Dict[int, List[torch.Tensor]] = field(default_factory=dict)
+    extra_queries: Dict[int, List[torch.Tensor]] = field(default_factory=dict)
 
     def record(self, layer_idx: int, query: torch.Tensor) -> None:
         if self.layers is None or layer_idx in self.layers:
             self.queries.setdefault(layer_idx, []).append(query[:, :, self.start:self.stop].detach())
+            if self.extra is not None:
+                pos = self.extra.to(query.device)
+                self.extra_queries.setdefault(layer_idx, []).append(query.detach().index_select(2, pos))
         if self.stop_after is not None and layer_idx == self.stop_after:
             raise StopForward()
 

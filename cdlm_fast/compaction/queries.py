@@ -23,7 +23,7 @@ from .._hf_compat import cache_kwargs
 from .hf_attention import ATTN_NAME, QueryCapture, StopForward, capture_queries, register
 
 __all__ = ["QUERY_MODES", "DEFAULT_INSTRUCTION", "use_attention", "instruction_ids", "prefill_with_queries",
-           "capture_layer_queries", "subsample"]
+           "prefill_with_heldout_queries", "capture_layer_queries", "subsample"]
 
 QUERY_MODES = ("repeat", "on_policy", "context")
 DEFAULT_INSTRUCTION = "\n\nRepeat the previous context verbatim.\n\n"
@@ -71,6 +71,38 @@ def prefill_with_queries(model, input_ids: torch.Tensor, mode: str = "repeat",
         of the context, ``queries`` a dict layer -> ``[B, Hq, n, D]``, and ``suffix`` the ``[B, m+T]``
         ids that follow the context in repeat modes (``None`` for ``"context"``).
     """
+    kv, queries, suffix, _ = _prefill(model, input_ids, mode, instr_ids, None)
+    return kv, queries, suffix
+
+
+@torch.no_grad()
+def prefill_with_heldout_queries(model, input_ids: torch.Tensor, mode: str, instr_ids: Optional[torch.Tensor],
+                                 heldout_positions: torch.Tensor):
+    """:func:`prefill_with_queries` in a repeat mode, also keeping the context's own queries at
+    ``heldout_positions`` (positions in ``[0, T)``), captured in the same forward: queries that
+    evaluate a compaction without being taken from its fit queries.
+
+    Args:
+        model, input_ids, instr_ids: as :func:`prefill_with_queries`; ``mode`` ``"repeat"`` or
+            ``"on_policy"``.
+        heldout_positions: ``[h]`` int64 context positions, each in ``[0, T)``.
+
+    Returns:
+        ``(kv, queries, suffix, heldout)``: the first three as :func:`prefill_with_queries`,
+        ``heldout`` a dict layer -> ``[B, Hq, h, D]`` queries of the context at those positions.
+    """
+    if mode == "context":
+        raise ValueError("prefill_with_heldout_queries needs mode 'repeat' or 'on_policy' (in 'context' mode the "
+                         "held-out queries are a split of the fit queries, see subsample)")
+    T = input_ids.shape[1]
+    pos = torch.as_tensor(heldout_positions, dtype=torch.int64).flatten()
+    if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= T):
+        raise ValueError(f"heldout_positions must lie in [0, T={T}), got values in "
+                         f"[{int(pos.min())}, {int(pos.max())}]")
+    return _prefill(model, input_ids, mode, instr_ids, pos)
+
+
+def _prefill(model, input_ids, mode, instr_ids, extra):
     from transformers import DynamicCache
 
     B, T = input_ids.shape
@@ -80,12 +112,13 @@ def prefill_with_queries(model, input_ids: torch.Tensor, mode: str = "repeat",
         instr = instr_ids if instr_ids is not None else instruction_ids(device=input_ids.device)
         suffix = torch.cat([instr.to(input_ids.device).expand(B, -1), input_ids], 1)
         seq, start = torch.cat([input_ids, suffix], 1), T + instr.shape[1]
-    cap = QueryCapture(start=start)
+    cap = QueryCapture(start=start, extra=extra)
     cache = DynamicCache()
     with use_attention(model), capture_queries(cap):
         model(input_ids=seq, use_cache=True, **cache_kwargs(model, cache))
     queries = {i: cap.get(i) for i in cap.queries}
-    return _layer_kv(cache, T), queries, suffix
+    held = {i: torch.cat(x, dim=2) for i, x in cap.extra_queries.items()} if extra is not None else None
+    return _layer_kv(cache, T), queries, suffix, held
 
 
 @torch.no_grad()
