@@ -110,6 +110,22 @@ def test_int_lengths_fast_path(case, dtype, monkeypatch):
     assert not calls
 
 
+@pytest.mark.parametrize("case", ["decode-one-kv-head-dropped", "decode-aligned"])
+def test_shared_limit_call_with_kv_in_sequence_major_layout(case):
+    """K/V stored ``[B, Lk, Hkv, D]`` and viewed as ``[B, Hkv, Lk, D]`` (batch and head strides do
+    not merge when ``B > 1``): the one-call path keeps the KV heads as heads there, and gives the
+    same result as with contiguous K/V."""
+    q, k, v, bias, kw = _inputs(case, torch.float32, seed=3)
+    kw["prefix_len"] = int(kw["prefix_len"][0])
+    ks, vs = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (k, v))
+    assert ks.shape[0] == 1 or ks.stride(0) != ks.shape[1] * ks.stride(1)
+    out, lse = cdlm_fast.attention(q, ks, vs, bias=bias, return_lse=True, **kw)
+    ref_out, ref_lse = cdlm_fast.attention(q, k, v, bias=bias, return_lse=True, **kw)
+    _check(out, lse, q, k, v, bias, {**kw, "prefix_len": torch.tensor([kw["prefix_len"]] * q.shape[0])},
+           torch.float32)
+    assert torch.allclose(out, ref_out, atol=1e-6) and torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
+
+
 def test_fast_path_leaves_bad_arguments_to_the_checks():
     """Arguments the one-pass path does not accept still get the general path's precise errors."""
     q, k, v, bias, kw = _inputs("decode-aligned", torch.float32)

@@ -208,8 +208,9 @@ def shared_call(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optiona
 def _shared(q, k, v, bias_c, lim, scale, cdt):
     """Every query sees keys ``[0, lim)`` (a decode block on the block grid, a bidirectional call):
     one kernel call, the ``G`` query heads of a KV head folded into its rows (K/V read once per KV
-    head) and the bias read as a ``[B, Hkv, 1, lim]`` view broadcast over the rows: no tensor is
-    built besides the outputs. Heads whose bias is ``-inf`` on every key get ``lse = -inf`` (the
+    head), the ``B * Hkv`` KV heads passed as a batch of one-head problems where the strides allow
+    (then the kernel's lse is already in ``[B, Hq, Lq]`` order) and the bias read as a view
+    broadcast over the rows: no tensor is built besides the outputs. Heads whose bias is ``-inf`` on every key get ``lse = -inf`` (the
     kernel gives them zeros and ``lse = 0``, so the bias is scanned only when some ``lse == 0``).
 
     The decode hot path, kept to as few tensor ops and attribute reads as possible around the
@@ -222,8 +223,16 @@ def _shared(q, k, v, bias_c, lim, scale, cdt):
     if lim < Lk:
         k, v = k[:, :, :lim], v[:, :, :lim]
         bias_c = None if bias_c is None else bias_c[:, :, :lim]
-    mask = None if bias_c is None else bias_c.unsqueeze(2)  # [B, Hkv, 1, lim]
-    qf = q.reshape(B, Hkv, Hq // Hkv * Lq, D)
+    R = Hq // Hkv * Lq
+    if B == 1 or (k.stride(0) == Hkv * k.stride(1) and v.stride(0) == Hkv * v.stride(1)):
+        # KV heads as the batch of one-head problems: K/V, bias and the outputs are views, and the
+        # kernel's lse ([batch, rows, heads] in memory) is [B, Hq, Lq] in order, so no copy.
+        bh = B * Hkv
+        qf, k, v = q.reshape(bh, 1, R, D), k.view(bh, 1, lim, D), v.view(bh, 1, lim, v.shape[-1])
+        mask = None if bias_c is None else bias_c.reshape(bh, 1, 1, lim)
+    else:  # K/V whose batch and head strides do not merge: the KV heads stay heads
+        qf = q.reshape(B, Hkv, R, D)
+        mask = None if bias_c is None else bias_c.unsqueeze(2)  # [B, Hkv, 1, lim]
     if _FLASH_CPU is not None and q.is_cpu:
         out, lse = _FLASH_CPU(qf, k, v, 0.0, False, attn_mask=mask, scale=scale)
     else:
