@@ -446,9 +446,9 @@ def test_fit_beta_floor_only_where_a_key_has_mass():
     scale = 1.0
     beta0, _ = fit_beta(Q, C, lse, scale, valid)
     beta1, res = fit_beta(Q, C, lse, scale, valid, floor=valid)
-    # the duplicate makes the floored passive set singular: the KKT residual is at float64 solve
-    # accuracy (1e-10..1e-8 by machine), not always under the solver's converged threshold
-    assert float(res.kkt_residual.max()) < 1e-7, res
+    # the duplicate makes the passive set singular; with float32 G, h the KKT residual is at their
+    # rounding level (about 2.6e-9), which nnls_gram reports as converged for float32 data
+    assert bool(res.converged.all()) and float(res.kkt_residual.max()) < 1.2e-8, res
     assert float(torch.exp(beta0[0, :5]).min()) < WEIGHT_FLOOR, beta0  # the floor binds somewhere
     w1 = torch.exp(beta1[0])
     assert (w1[:5] >= WEIGHT_FLOOR * (1 - 1e-5)).all(), w1

@@ -197,6 +197,29 @@ def test_nnls_iteration_cap_reports_not_converged():
     assert cut.converged[~need_more].all()
 
 
+def test_nnls_gram_converged_to_the_precision_of_float32_data():
+    """Attention-mass columns with a duplicate (Attention Matching's beta fit): with G, h built in
+    float32 the system is inconsistent at their rounding level and the exact solve keeps a KKT
+    residual of about 2.6e-9 (above 10 * tol, under a tenth of float32's rounding unit: converged
+    for float32 data); the same data built in float64 reach float64 accuracy."""
+    g = torch.Generator().manual_seed(6)
+    u = torch.ones(8) / 8 ** 0.5
+    Q = torch.randn(1, 50, 8, generator=g) * 0.3 + 2 * u
+    K = torch.randn(1, 40, 8, generator=g) * 0.5
+    C = torch.cat([K[:, :5], -400.0 * u.view(1, 1, 8)], 1)
+    C[0, 1] = C[0, 0]
+    lse = torch.logsumexp(Q @ K[0].T, dim=-1)
+    res = {}
+    for dt in (torch.float64, torch.float32):
+        A = torch.exp(Q.to(dt) @ C[0].to(dt).T - lse.to(dt)[..., None])  # [1, 50, 6]
+        res[dt] = nnls_gram(A.mT @ A / 50, A.sum(1) / 50, backend="torch")
+    r64, r32 = res[torch.float64], res[torch.float32]
+    assert bool(r64.converged) and float(r64.kkt_residual) <= 1e-12
+    assert 1e-9 < float(r32.kkt_residual) <= 0.1 * torch.finfo(torch.float32).eps  # the rule is exercised
+    assert bool(r32.converged)
+    assert torch.allclose(r32.x.double().sum(), r64.x.sum(), rtol=1e-4)  # the duplicate's weights split freely
+
+
 def test_nnls_trivial_and_empty():
     A = torch.rand(2, 10, 4, dtype=torch.float64)
     res = nnls(A, -torch.rand(2, 10, dtype=torch.float64))  # A >= 0, b < 0 -> x = 0
