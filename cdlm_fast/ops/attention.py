@@ -18,13 +18,12 @@ a generated query sees its own block bidirectionally and every earlier block.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple, Union
 
 import torch
 
 from .. import _validate as V
-from ..backends import op
+from ..backends import forced_backend, op
 from .attention_cpu import attention_torch, shared_call
 from .attention_grad import attention_train
 
@@ -83,18 +82,6 @@ _FLOATS = frozenset(V.FLOAT_DTYPES)
 
 
 _T, _F32, _F64, _INF = torch.Tensor, torch.float32, torch.float64, float("inf")
-# ``os.environ`` keeps its values in ``_data`` (encoded keys) and updates it on every assignment;
-# a lookup there is a plain dict lookup, where ``os.environ.get`` of an unset name raises and
-# catches a KeyError (about 5 us per call on a 2-core x86 VM, on the decode hot path).
-_ENV_DATA = getattr(os.environ, "_data", None)
-_ENV_KEY = os.environ.encodekey("CDLM_FAST_BACKEND") if hasattr(os.environ, "encodekey") else None
-
-
-def _backend_forced() -> bool:
-    """Whether ``CDLM_FAST_BACKEND`` is set (non-empty)."""
-    if _ENV_DATA is not None and _ENV_KEY is not None:
-        return bool(_ENV_DATA.get(_ENV_KEY))
-    return bool(os.environ.get("CDLM_FAST_BACKEND"))  # pragma: no cover - other os.environ implementations
 
 
 def _cpu_decode(q, k, v, bias, prefix_len, block_size, q_offset, kv_lens, scale, backend):
@@ -108,7 +95,7 @@ def _cpu_decode(q, k, v, bias, prefix_len, block_size, q_offset, kv_lens, scale,
     if not (type(prefix_len) is int and type(q_offset) is int and kv_lens is None and type(q) is _T
             and type(k) is _T and type(v) is _T and (block_size is None or type(block_size) is int)):
         return None
-    if backend != "torch" and (backend != "auto" or _backend_forced()):
+    if backend != "torch" and (backend != "auto" or forced_backend()):
         return None
     dt = q.dtype
     if not (dt in _FLOATS and k.dtype is dt and v.dtype is dt and q.is_cpu and k.is_cpu and v.is_cpu):

@@ -210,8 +210,9 @@ def _shared(q, k, v, bias_c, lim, scale, cdt):
     one kernel call, the ``G`` query heads of a KV head folded into its rows (K/V read once per KV
     head), the ``B * Hkv`` KV heads passed as a batch of one-head problems where the strides allow
     (then the kernel's lse is already in ``[B, Hq, Lq]`` order) and the bias read as a view
-    broadcast over the rows: no tensor is built besides the outputs. Heads whose bias is ``-inf`` on every key get ``lse = -inf`` (the
-    kernel gives them zeros and ``lse = 0``, so the bias is scanned only when some ``lse == 0``).
+    broadcast over the rows: no tensor is built besides the outputs. Heads whose bias is ``-inf``
+    on every key get ``lse = -inf`` (the kernel gives them zeros and ``lse = 0``, so the bias is
+    scanned only when some ``lse == 0``).
 
     The decode hot path, kept to as few tensor ops and attribute reads as possible around the
     kernel: right after a 1-3 ms kernel call each costs several times its warm cost on 2-core

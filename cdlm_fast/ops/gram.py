@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _validate as V
-from ..backends import BACKENDS, op
+from ..backends import BACKENDS, forced_backend, op
 
 __all__ = ["exp_gram", "exp_rows"]
 
@@ -166,7 +166,7 @@ def exp_gram(Q: torch.Tensor, C: torch.Tensor, beta: Optional[torch.Tensor], shi
     """
     _check(Q, C, beta, shift, scale, Y)
     meta = dict(Q=Q, C=C, beta=beta, shift=shift, Y=Y)
-    if backend == "auto" and Q.device.type == "cuda" and not os.environ.get("CDLM_FAST_BACKEND", "").strip():
+    if backend == "auto" and Q.device.type == "cuda" and not forced_backend():
         backend = next((b for b in gpu_order() if _OP.reason(b, Q.device, **meta) is None), "torch")
     name = _OP.select(backend, Q.device, **meta)
     return _OP.impls[name](Q, C, beta, shift, float(scale), Y)
