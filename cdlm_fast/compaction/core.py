@@ -39,8 +39,8 @@ from .. import _validate as V
 from ..ops.attention import attention
 from .fit import MassGram, compacted_lse, fit_beta, fit_values
 from .refine import refine
-from .select import (_gather_keys, forced_keys, highest_attention_scores, omp_select, refill_slots,
-                     residual_gain, sort_slots, top_keys)
+from .select import (SoftmaxWeights, _gather_keys, forced_keys, highest_attention_scores, omp_select,
+                     refill_slots, residual_gain, sort_slots, top_keys)
 from .types import CompactedLayer
 
 __all__ = ["METHODS", "resolve_counts", "compact_layer", "reference_outputs", "allocate_counts"]
@@ -299,10 +299,16 @@ def compact_layer(
     c_rest = cp - n_forced
     t_rest = int(c_rest.max())
 
-    Y, lse = reference_outputs(keys, values, queries, scale=scale, key_bias=kb, backend=backend)
     Qp = _to_problems(queries.float(), Hkv)
-    Yp = _to_problems(Y, Hkv)
-    lsep = _to_problems(lse, Hkv)
+    # on the CPU, the softmax weights of all queries over all keys are kept when they fit: one GEMM
+    # and one exp serve the reference outputs, the selection scores and the refills' gains
+    sw = SoftmaxWeights.maybe(Qp, Kp, Vp, scale, kbp) if backend in ("auto", "torch") else None
+    if sw is not None:
+        Yp, lsep = sw.Y, sw.lse
+    else:
+        Y, lse = reference_outputs(keys, values, queries, scale=scale, key_bias=kb, backend=backend)
+        Yp = _to_problems(Y, Hkv)
+        lsep = _to_problems(lse, Hkv)
     qw = torch.isfinite(lsep)
     if query_mask is not None:
         qw = qw & query_mask[:, None, None, :].expand(B, Hkv, G, n).reshape(P, G * n)
@@ -314,7 +320,8 @@ def compact_layer(
         idx = torch.zeros(P, 0, dtype=torch.int64, device=dev)
         valid = torch.zeros(P, 0, dtype=torch.bool, device=dev)
     elif method == "highest_attention":
-        scores = highest_attention_scores(Qp, Kp, lsep, scale, kbp, reduce=aggregate, query_weight=qwf)
+        scores = (sw.scores(aggregate, qwf, kbp) if sw is not None else
+                  highest_attention_scores(Qp, Kp, lsep, scale, kbp, reduce=aggregate, query_weight=qwf))
         idx, valid = top_keys(scores, c_rest, t_rest)
     else:
         kpi = omp_keys_per_iter or (1 if method == "omp" else 4)
@@ -359,7 +366,8 @@ def compact_layer(
         else:  # or through the attention op (no [P, N, t] matrix on a GPU)
             fitted = torch.exp(compacted_lse(Qp, C, beta.masked_fill(~live, float("-inf")), scale, backend)
                                - lsep)
-        gain = residual_gain(Qp, Kp, lsep, scale, fitted, kbp, query_weight=qwf)
+        gain = (sw.gain(fitted, qwf, kbp) if sw is not None else
+                residual_gain(Qp, Kp, lsep, scale, fitted, kbp, query_weight=qwf))
         idx, valid = refill_slots(idx, valid, dead, used, gain)
         w0 = torch.exp(beta).masked_fill(dead | ~valid, 0.0)  # warm start: new keys start at 0
     dead = _dead_slots(beta, valid)
@@ -379,6 +387,7 @@ def compact_layer(
     beta = torch.where(valid, beta, torch.full_like(beta, float("-inf")))
     idx = torch.where(valid, idx, torch.zeros_like(idx))
     C = _gather_keys(Kp, idx)
+    sw = None  # the [P, N, T] weights are not needed past the refills
     clock("beta")
     Cv = fit_values(Qp, C, beta, Yp, scale, ridge=ridge, query_weight=qwf, backend=backend, stats=stats)
     clock("values")

@@ -22,7 +22,7 @@ from ..ops.gram import exp_gram
 from ..ops.solvers import nnls_gram
 
 __all__ = ["softmax_weight_chunks", "highest_attention_scores", "top_keys", "omp_select", "forced_keys",
-           "refill_slots", "residual_gain", "sort_slots"]
+           "refill_slots", "residual_gain", "sort_slots", "SoftmaxWeights"]
 
 
 def _chunk_size(P: int, N: int, budget_elems: int) -> int:
@@ -68,6 +68,78 @@ def highest_attention_scores(Q, K, lse, scale, key_bias=None, *, reduce: str = "
     if key_bias is not None:
         out = out.masked_fill(torch.isneginf(key_bias), -1.0)
     return out
+
+
+class SoftmaxWeights:
+    """The softmax-weight matrix ``A`` ``[P, N, T]`` float32 of every reference query over every key,
+    held in memory (a CPU path): one GEMM and one ``exp`` give the original outputs, the log-masses,
+    the selection scores and, later, the refills' residual gains, where the chunked functions
+    (:func:`highest_attention_scores`, :func:`residual_gain`, and the reference attention call)
+    recompute ``Q K^T`` and its ``exp`` once each. Built by :meth:`maybe` when ``A`` fits
+    ``MAX_BYTES``.
+
+    Attributes: ``A`` ``[P, N, T]``; ``lse`` ``[P, N]`` (``-inf`` for a query that sees no key, whose
+    row of ``A`` is 0); ``Y`` ``[P, N, Dv]`` the original attention outputs, all float32.
+    """
+
+    MAX_BYTES = 1 << 29  # 512 MiB of A
+
+    @classmethod
+    def maybe(cls, Q, K, V, scale, key_bias=None) -> Optional["SoftmaxWeights"]:
+        """An instance for ``Q`` ``[P, N, D]``, ``K`` ``[P, T, D]``, ``V`` ``[P, T, Dv]``, ``key_bias``
+        ``[P, T]`` (``-inf`` masks a key) on the CPU when ``A`` fits ``MAX_BYTES``; else ``None``."""
+        P, N, _ = Q.shape
+        if Q.device.type != "cpu" or P * N * K.shape[1] * 4 > cls.MAX_BYTES:
+            return None
+        return cls(Q, K, V, scale, key_bias)
+
+    def __init__(self, Q, K, V, scale, key_bias=None):
+        Qf, Kf = Q.float(), K.float()
+        if key_bias is None:
+            A = torch.bmm(Qf, Kf.transpose(1, 2)).mul_(scale)
+        else:
+            A = torch.baddbmm(key_bias.float()[:, None, :], Qf, Kf.transpose(1, 2), alpha=scale)
+        m = A.amax(-1)
+        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row with no key: exp(-inf) = 0
+        A.sub_(m[:, :, None]).exp_()
+        mass = A.sum(-1)
+        A.div_(mass.clamp(min=torch.finfo(torch.float32).tiny)[:, :, None])
+        self.A = A
+        self.lse = m + torch.log(mass)
+        self.Y = torch.bmm(A, V.float())
+        self._sq = None
+
+    def _weighted_sq(self, qw: torch.Tensor) -> torch.Tensor:
+        """``[P, T]``: ``sum_i qw_i A_ij^2`` (kept for the 0/1 weights of the first call)."""
+        if self._sq is None or not torch.equal(self._sq[0], qw):
+            self._sq = (qw.clone(), torch.bmm(qw[:, None, :], self.A.square())[:, 0])
+        return self._sq[1]
+
+    def scores(self, reduce: str, query_weight: torch.Tensor, key_bias=None) -> torch.Tensor:
+        """:func:`highest_attention_scores` from ``A`` (``query_weight`` ``[P, N]`` 0/1)."""
+        if reduce not in ("rms", "mean", "max"):
+            raise ValueError(f"reduce must be 'rms', 'mean' or 'max', got {reduce!r}")
+        qw = query_weight.float()
+        denom = qw.sum(1, keepdim=True).clamp(min=1)
+        if reduce == "rms":
+            out = torch.sqrt(self._weighted_sq(qw) / denom)
+        elif reduce == "mean":
+            out = torch.bmm(qw[:, None, :], self.A)[:, 0] / denom
+        else:
+            out = (self.A * qw[:, :, None]).amax(1)
+        if key_bias is not None:
+            out = out.masked_fill(torch.isneginf(key_bias), -1.0)
+        return out
+
+    def gain(self, fitted: torch.Tensor, query_weight: torch.Tensor, key_bias=None) -> torch.Tensor:
+        """:func:`residual_gain` from ``A`` (``query_weight`` ``[P, N]`` 0/1; the column norms are over
+        the queries of weight 1, as in ``compact_layer``, where the excluded queries' rows are 0)."""
+        qw = query_weight.float()
+        r = ((qw - fitted.float()) * qw)[:, None, :]
+        out = torch.bmm(r, self.A)[:, 0] / self._weighted_sq(qw).sqrt().clamp(min=1e-30)
+        if key_bias is not None:
+            out = out.masked_fill(torch.isneginf(key_bias), float("-inf"))
+        return out
 
 
 def top_keys(scores: torch.Tensor, counts: torch.Tensor, t: int) -> Tuple[torch.Tensor, torch.Tensor]:
