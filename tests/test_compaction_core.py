@@ -568,3 +568,15 @@ def test_mixed_floor_is_capped_at_floor_keys():
     assert int(counts.sum()) == 64 * 4
     assert counts[:, 1].tolist() == [MIXED_FLOOR_KEYS] * 2, counts
     assert bool((counts[:, 0] > 64).all()), counts  # the global top-k spans both layers
+
+
+def test_pipeline_window_default_is_ten_keys_at_most_a_quarter_of_the_uniform_count():
+    from cdlm_fast.compaction.api import PIPELINE_WINDOW, pipeline_window
+
+    assert PIPELINE_WINDOW == 10
+    assert pipeline_window(None, 0.1, 2048) == 10  # 205 keys per head
+    assert pipeline_window(None, 1 / 50, 2048) == 10  # 41 keys
+    assert pipeline_window(None, 0.1, 256) == 6  # 26 keys: a quarter
+    assert pipeline_window(None, 24, 2048) == 6  # keys per head
+    assert pipeline_window(None, torch.tensor([[8, 40]]), 2048) == 6  # per-head counts: their mean
+    assert pipeline_window(0.25, 0.1, 256) == 0.25 and pipeline_window(0, 0.1, 256) == 0  # as given

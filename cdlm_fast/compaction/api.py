@@ -74,7 +74,8 @@ def _tqdm(iterable, enabled: bool, total: int, desc: str):
 
 
 # The pipeline's default (compact_kv, compact_model_cache): 4 attention sinks and the PIPELINE_WINDOW
-# most recent keys of every head kept uncompacted, the rest compacted; with allocation="mixed", every
+# most recent keys of every head (at most a quarter of the uniform count) kept uncompacted, the rest
+# compacted; with allocation="mixed", every
 # head keeps at least MIXED_FLOOR_KEYS keys (or half of the uniform count where that is fewer).
 # Measured on SmolLM2 (2K context, five kinds of text, 5-50x, against kvpress 0.5.5,
 # bench/results/quality_smollm2_2048/): this lowers the mean NLL over the five texts at every ratio
@@ -86,9 +87,24 @@ PIPELINE_SINKS = 4
 PIPELINE_WINDOW = 10
 
 
+def pipeline_window(window, budget, T: int):
+    """``window`` as given, or for ``None`` the pipeline's default: ``PIPELINE_WINDOW`` keys, at most a
+    quarter of the uniform count (``budget`` a fraction of ``T``, keys per head or per-head counts), so
+    that short contexts keep most of their budget compacted."""
+    if window is not None:
+        return window
+    if torch.is_tensor(budget):
+        uniform = float(budget.float().mean())
+    elif isinstance(budget, float):
+        uniform = math.ceil(budget * T)
+    else:
+        uniform = float(budget)
+    return min(PIPELINE_WINDOW, int(uniform) // 4)
+
+
 def compact_kv(kv, queries: Dict[int, torch.Tensor], budget, method: str = "highest_attention", *,
                scale: Optional[float] = None, ridge="auto", allocation: str = "mixed", sinks: int = PIPELINE_SINKS,
-               window=PIPELINE_WINDOW, progress: bool = False, **kwargs) -> CompactedCache:
+               window=None, progress: bool = False, **kwargs) -> CompactedCache:
     """Compact precomputed per-layer ``(keys, values)`` with fixed reference queries.
 
     Args:
@@ -103,10 +119,12 @@ def compact_kv(kv, queries: Dict[int, torch.Tensor], budget, method: str = "high
             are used as given.
         sinks, window: kept uncompacted inside each head's budget (see
             :func:`cdlm_fast.compaction.compact_layer`); the pipeline's default is ``PIPELINE_SINKS``
-            = 4 first keys and the ``PIPELINE_WINDOW`` = 10 most recent keys of every head, inside its
-            budget (``sinks=0, window=0`` is Attention Matching over every key).
+            = 4 first keys and (``window=None``) the ``PIPELINE_WINDOW`` = 10 most recent keys of every
+            head, at most a quarter of the uniform count (:func:`pipeline_window`), inside its budget
+            (``sinks=0, window=0`` is Attention Matching over every key).
     """
     T = kv[0][0].shape[2]
+    window = pipeline_window(window, budget, T)
     budgets = _budgets(kv, queries, budget, allocation, scale)
     layers = [compact_layer(k, v, queries[i], budgets[i], method, scale=scale, ridge=ridge, logical_length=T,
                             sinks=sinks, window=window, **kwargs)
@@ -172,7 +190,7 @@ def _check_ratio(ratio) -> None:
 def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: Union[float, Sequence[float]] = 10.0,
                         method: str = "highest_attention", queries: str = "repeat", max_queries: Optional[int] = 4096,
                         holdout: int = 256, tokenizer=None, instruction: Optional[str] = None, ridge="auto",
-                        allocation: str = "mixed", sinks: int = PIPELINE_SINKS, window=PIPELINE_WINDOW, seed: int = 0,
+                        allocation: str = "mixed", sinks: int = PIPELINE_SINKS, window=None, seed: int = 0,
                         progress: bool = True, return_compacted: bool = False, **kwargs):
     """Prefill ``input_ids``, compact every layer's KV cache by Attention Matching, report quality.
 
@@ -210,7 +228,7 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: Union[float, S
             padded to the largest count of their layer (``report.stats`` gives usable and stored
             slots).
         sinks, window: kept uncompacted inside each head's budget: by default the first 4 keys and
-            the 10 most recent keys (see :func:`compact_kv`).
+            the 10 most recent keys, at most a quarter of ``T / ratio`` (see :func:`compact_kv`).
         seed: RNG seed of the split / subsampling.
         progress: show a tqdm bar over layers.
         return_compacted: also return the :class:`CompactedCache`.
@@ -273,6 +291,7 @@ def _compact_prefilled(model, kv, qs, suffix, report: CompactionReport, *, budge
     if held is not None:
         holdout = 0
     T = kv[0][0].shape[2]
+    kwargs["window"] = pipeline_window(kwargs.get("window"), budget, T)
     L = len(kv)
     types = attention_layer_types(model.config)
     window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
