@@ -320,8 +320,8 @@ def compact_layer(
         idx = torch.zeros(P, 0, dtype=torch.int64, device=dev)
         valid = torch.zeros(P, 0, dtype=torch.bool, device=dev)
     elif method == "highest_attention":
-        scores = (sw.scores(aggregate, qwf, kbp) if sw is not None else
-                  highest_attention_scores(Qp, Kp, lsep, scale, kbp, reduce=aggregate, query_weight=qwf))
+        scores = highest_attention_scores(Qp, Kp, lsep, scale, kbp, reduce=aggregate, query_weight=qwf,
+                                          weights=None if sw is None else sw.A)
         idx, valid = top_keys(scores, c_rest, t_rest)
     else:
         kpi = omp_keys_per_iter or (1 if method == "omp" else 4)
@@ -366,8 +366,8 @@ def compact_layer(
         else:  # or through the attention op (no [P, N, t] matrix on a GPU)
             fitted = torch.exp(compacted_lse(Qp, C, beta.masked_fill(~live, float("-inf")), scale, backend)
                                - lsep)
-        gain = (sw.gain(fitted, qwf, kbp) if sw is not None else
-                residual_gain(Qp, Kp, lsep, scale, fitted, kbp, query_weight=qwf))
+        gain = residual_gain(Qp, Kp, lsep, scale, fitted, kbp, query_weight=qwf,
+                             weights=None if sw is None else sw.A)
         idx, valid = refill_slots(idx, valid, dead, used, gain)
         w0 = torch.exp(beta).masked_fill(dead | ~valid, 0.0)  # warm start: new keys start at 0
     dead = _dead_slots(beta, valid)

@@ -42,12 +42,23 @@ def softmax_weight_chunks(Q, K, lse, scale, key_bias=None, *, budget_elems: int 
         yield s, torch.baddbmm(add, Q, Kc.transpose(1, 2), alpha=scale * power).exp_()
 
 
+def _chunks(Q, K, lse, scale, key_bias, budget_elems, power, weights):
+    """:func:`softmax_weight_chunks`, or the held softmax weights ``weights`` ``[P, N, T]`` (to the
+    ``power``) in one chunk."""
+    if weights is None:
+        return softmax_weight_chunks(Q, K, lse, scale, key_bias, budget_elems=budget_elems, power=power)
+    return [(0, weights.square() if power == 2 else weights)]
+
+
 def highest_attention_scores(Q, K, lse, scale, key_bias=None, *, reduce: str = "rms",
-                             query_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+                             query_weight: Optional[torch.Tensor] = None,
+                             weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-key importance ``[P, T]``: softmax weights aggregated over queries.
 
     ``reduce`` is ``"rms"`` (root mean square over queries, the published default), ``"mean"``
-    or ``"max"``. ``query_weight`` ``[P, N]`` (0/1) excludes padded queries.
+    or ``"max"``. ``query_weight`` ``[P, N]`` (0/1) excludes padded queries. ``weights``: the
+    softmax weights ``[P, N, T]`` when the caller holds them (:class:`SoftmaxWeights`), else they
+    are recomputed in chunks from ``Q``, ``K`` and ``lse``.
     """
     if reduce not in ("rms", "mean", "max"):
         raise ValueError(f"reduce must be 'rms', 'mean' or 'max', got {reduce!r}")
@@ -58,12 +69,11 @@ def highest_attention_scores(Q, K, lse, scale, key_bias=None, *, reduce: str = "
     qw = None if query_weight is None else query_weight.float()
     if reduce != "max":  # sums over queries as a batched GEMV, on exp(2 logits) = A^2 for "rms"
         w = torch.ones(P, 1, N, device=Q.device) if qw is None else (qw * qw if reduce == "rms" else qw)[:, None]
-        for s, A in softmax_weight_chunks(Q, K, lse, scale, key_bias, budget_elems=1 << 22,
-                                          power=2 if reduce == "rms" else 1):
+        for s, A in _chunks(Q, K, lse, scale, key_bias, 1 << 22, 2 if reduce == "rms" else 1, weights):
             tot = torch.bmm(w, A)[:, 0] / denom
             out[:, s:s + A.shape[-1]] = torch.sqrt(tot) if reduce == "rms" else tot
     else:
-        for s, A in softmax_weight_chunks(Q, K, lse, scale, key_bias, budget_elems=1 << 22):
+        for s, A in _chunks(Q, K, lse, scale, key_bias, 1 << 22, 1, weights):
             out[:, s:s + A.shape[-1]] = (A if qw is None else A * qw[:, :, None]).amax(1)
     if key_bias is not None:
         out = out.masked_fill(torch.isneginf(key_bias), -1.0)
@@ -72,10 +82,9 @@ def highest_attention_scores(Q, K, lse, scale, key_bias=None, *, reduce: str = "
 
 class SoftmaxWeights:
     """The softmax-weight matrix ``A`` ``[P, N, T]`` float32 of every reference query over every key,
-    held in memory (a CPU path): one GEMM and one ``exp`` give the original outputs, the log-masses,
-    the selection scores and, later, the refills' residual gains, where the chunked functions
-    (:func:`highest_attention_scores`, :func:`residual_gain`, and the reference attention call)
-    recompute ``Q K^T`` and its ``exp`` once each. Built by :meth:`maybe` when ``A`` fits
+    held in memory (a CPU path): one GEMM and one ``exp`` give the original outputs and the
+    log-masses, and ``A`` is passed as ``weights`` to :func:`highest_attention_scores` and
+    :func:`residual_gain`, which otherwise recompute ``Q K^T`` and its ``exp`` in chunks. Built by :meth:`maybe` when ``A`` fits
     ``MAX_BYTES``.
 
     Attributes: ``A`` ``[P, N, T]``; ``lse`` ``[P, N]`` (``-inf`` for a query that sees no key, whose
@@ -107,39 +116,6 @@ class SoftmaxWeights:
         self.A = A
         self.lse = m + torch.log(mass)
         self.Y = torch.bmm(A, V.float())
-        self._sq = None
-
-    def _weighted_sq(self, qw: torch.Tensor) -> torch.Tensor:
-        """``[P, T]``: ``sum_i qw_i A_ij^2`` (kept for the 0/1 weights of the first call)."""
-        if self._sq is None or not torch.equal(self._sq[0], qw):
-            self._sq = (qw.clone(), torch.bmm(qw[:, None, :], self.A.square())[:, 0])
-        return self._sq[1]
-
-    def scores(self, reduce: str, query_weight: torch.Tensor, key_bias=None) -> torch.Tensor:
-        """:func:`highest_attention_scores` from ``A`` (``query_weight`` ``[P, N]`` 0/1)."""
-        if reduce not in ("rms", "mean", "max"):
-            raise ValueError(f"reduce must be 'rms', 'mean' or 'max', got {reduce!r}")
-        qw = query_weight.float()
-        denom = qw.sum(1, keepdim=True).clamp(min=1)
-        if reduce == "rms":
-            out = torch.sqrt(self._weighted_sq(qw) / denom)
-        elif reduce == "mean":
-            out = torch.bmm(qw[:, None, :], self.A)[:, 0] / denom
-        else:
-            out = (self.A * qw[:, :, None]).amax(1)
-        if key_bias is not None:
-            out = out.masked_fill(torch.isneginf(key_bias), -1.0)
-        return out
-
-    def gain(self, fitted: torch.Tensor, query_weight: torch.Tensor, key_bias=None) -> torch.Tensor:
-        """:func:`residual_gain` from ``A`` (``query_weight`` ``[P, N]`` 0/1; the column norms are over
-        the queries of weight 1, as in ``compact_layer``, where the excluded queries' rows are 0)."""
-        qw = query_weight.float()
-        r = ((qw - fitted.float()) * qw)[:, None, :]
-        out = torch.bmm(r, self.A)[:, 0] / self._weighted_sq(qw).sqrt().clamp(min=1e-30)
-        if key_bias is not None:
-            out = out.masked_fill(torch.isneginf(key_bias), float("-inf"))
-        return out
 
 
 def top_keys(scores: torch.Tensor, counts: torch.Tensor, t: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -267,18 +243,22 @@ def forced_keys(counts: torch.Tensor, T: int, sinks: int = 0, window=0,
 
 
 def residual_gain(Q, K, lse, scale, fitted: torch.Tensor, key_bias=None, *,
-                  query_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  query_weight: Optional[torch.Tensor] = None,
+                  weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-key gain ``[P, T]`` of adding a key to a mass fit: the correlation ``a_j^T r / ||a_j||`` of
     its softmax-weight column ``a_j`` with the residual ``r = 1 - fitted`` (``fitted`` ``[P, N]``: each
     query's mass over the current slots, relative to its original mass). A key with positive gain
-    lowers the NNLS objective when it enters, so it gets a positive weight (the OMP criterion)."""
+    lowers the NNLS objective when it enters, so it gets a positive weight (the OMP criterion).
+    ``weights``: the held softmax weights ``[P, N, T]`` (see :func:`highest_attention_scores`); the
+    column norms are then over the queries of ``query_weight`` 1 (0/1), which the chunks get from an
+    ``lse`` of 1e30 on the excluded queries in ``compact_layer``."""
     P, N, _ = Q.shape
     qw = torch.ones(P, N, device=Q.device) if query_weight is None else query_weight.float()
     r = ((qw - fitted.float()) * qw)[:, None, :]
     out = torch.empty(P, K.shape[1], dtype=torch.float32, device=Q.device)
-    for s, A in softmax_weight_chunks(Q, K, lse, scale, key_bias, budget_elems=1 << 22):
+    for s, A in _chunks(Q, K, lse, scale, key_bias, 1 << 22, 1, weights):
         corr = torch.bmm(r, A)[:, 0]
-        norm = A.square_().sum(1).sqrt_()
+        norm = (A.square_().sum(1) if weights is None else torch.bmm(qw[:, None, :], A.square())[:, 0]).sqrt_()
         out[:, s:s + A.shape[-1]] = corr / norm.clamp(min=1e-30)
     if key_bias is not None:
         out = out.masked_fill(torch.isneginf(key_bias), float("-inf"))
