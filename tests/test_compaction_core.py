@@ -498,9 +498,10 @@ def test_refill_without_the_kept_design_matrix(monkeypatch):
     assert abs(e_kept - e_op) < 1e-3, (e_kept, e_op)
 
 
-def test_softmax_weights_match_float64_attention():
-    # the CPU path that keeps A [P, N, T]: its outputs and log-masses are the attention's, with masked
-    # keys and a query whose keys are all masked (zeros, lse = -inf)
+def test_softmax_weights_match_float64_attention(monkeypatch):
+    # the CPU path that keeps A [P, N, T], built in blocks of queries: its outputs and log-masses are the
+    # attention's, with masked keys and a query whose keys are all masked (zeros, lse = -inf); its column
+    # sums of squares are over the weighted queries only
     from cdlm_fast.compaction.select import SoftmaxWeights
 
     g = torch.Generator().manual_seed(3)
@@ -509,7 +510,9 @@ def test_softmax_weights_match_float64_attention():
     bias = torch.randn(P, T, generator=g)
     bias[:, 5:9] = float("-inf")
     bias[2] = float("-inf")  # problem 2 sees no key at all
-    sw = SoftmaxWeights.maybe(Q, K, V, 0.3, bias)
+    qw = (torch.rand(P, N, generator=g) > 0.3).float()
+    monkeypatch.setattr(SoftmaxWeights, "ROWS", 16)  # blocks of 16, 16 and 9 queries
+    sw = SoftmaxWeights.maybe(Q, K, V, 0.3, bias, qw)
     o, lse = attention_reference(Q.double()[:, None], K.double()[:, None], V.double()[:, None],
                                  bias=bias.double()[:, None], scale=0.3, return_lse=True)
     assert torch.isfinite(sw.Y).all() and torch.isfinite(sw.A).all()
@@ -517,6 +520,16 @@ def test_softmax_weights_match_float64_attention():
     assert float((sw.lse[:2].double() - lse[:2, 0]).abs().max()) < 1e-4
     assert torch.isneginf(sw.lse[2]).all() and (sw.Y[2] == 0).all()
     assert (sw.A[:, :, 5:9] == 0).all()
+    A = torch.softmax(0.3 * Q.double() @ K.double().mT + bias.double()[:, None], -1)[:2]
+    assert float((sw.A[:2].double() - A).abs().max()) < 1e-6
+    sq = (qw[:2, :, None].double() * A.square()).sum(1)
+    assert float((sw.col_sq[:2].double() - sq).norm() / sq.norm()) < 1e-5 and (sw.col_sq[2] == 0).all()
+    for reduce in ("rms", "max", "mean"):  # the scores from the held weights are the chunked scores
+        lse_in = torch.where(torch.isfinite(sw.lse), sw.lse, torch.full_like(sw.lse, 1e30))
+        held = highest_attention_scores(Q, K, lse_in, 0.3, bias, reduce=reduce, query_weight=qw,
+                                        weights=sw.A, col_sq=sw.col_sq)
+        chunked = highest_attention_scores(Q, K, lse_in, 0.3, bias, reduce=reduce, query_weight=qw)
+        assert float((held[:2] - chunked[:2]).abs().max()) < 1e-5 * float(chunked[:2].abs().max()), reduce
 
 
 @pytest.mark.parametrize("kw", [{}, {"sinks": 4, "window": 0.25}, {"aggregate": "max"}, {"masks": True}],
@@ -544,3 +557,34 @@ def test_compact_layer_kept_softmax_weights_match_the_chunked_path(monkeypatch, 
     assert torch.equal(fin, torch.isfinite(kept.bias))
     assert float((kept.bias[fin] - chunked.bias[fin]).abs().max()) < 1e-4
     assert float((kept.values - chunked.values).norm() / chunked.values.norm()) < 1e-4
+
+
+@pytest.mark.parametrize("ridge", ["auto", 0.0, 1e-3])
+def test_value_fit_held_softmax_matches_the_streamed_grams(monkeypatch, ridge):
+    # the CPU value fit builds X = softmax(Q C^T + beta) and its Grams directly; GPUs (and problems too
+    # large to hold X) stream exp_gram over the rows: the same fit, with a dead slot, excluded queries and
+    # a problem whose slots are all dead (zero values, no NaN)
+    from cdlm_fast.compaction.fit import MassGram, fit_values
+
+    g = torch.Generator().manual_seed(21)
+    P, N, t, D = 3, 203, 17, 16
+    Q, C = torch.randn(P, N, D, generator=g) * 1.5, torch.randn(P, t, D, generator=g)
+    Y = torch.randn(P, N, D, generator=g)
+    beta = torch.randn(P, t, generator=g)
+    beta[0, 3] = float("-inf")
+    beta[2] = float("-inf")
+    qw = (torch.rand(P, N, generator=g) > 0.2).float()
+    st_dense, st_streamed = {}, {}
+    dense = fit_values(Q, C, beta, Y, 0.25, ridge=ridge, query_weight=qw, stats=st_dense)
+    monkeypatch.setattr(MassGram, "MAX_BYTES", 0)
+    streamed = fit_values(Q, C, beta, Y, 0.25, ridge=ridge, query_weight=qw, stats=st_streamed)
+    assert torch.isfinite(dense).all() and (dense[2] == 0).all() and (dense[0, 3] == 0).all()
+    assert float((dense - streamed).norm() / streamed.norm()) < 1e-4
+    assert st_dense == st_streamed
+    if ridge == 0.0:  # and both are the float64 least squares over the weighted queries
+        for p in range(2):
+            keep = torch.isfinite(beta[p])
+            rows = qw[p] > 0
+            X = torch.softmax(0.25 * Q[p].double() @ C[p].double().T + beta[p].double(), -1)[rows][:, keep]
+            sol = torch.linalg.lstsq(X, Y[p].double()[rows]).solution
+            assert float((dense[p][keep].double() - sol).norm() / sol.norm()) < 1e-3

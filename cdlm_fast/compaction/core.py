@@ -302,7 +302,8 @@ def compact_layer(
     Qp = _to_problems(queries.float(), Hkv)
     # on the CPU, the softmax weights of all queries over all keys are kept when they fit: one GEMM
     # and one exp serve the reference outputs, the selection scores and the refills' gains
-    sw = SoftmaxWeights.maybe(Qp, Kp, Vp, scale, kbp) if backend in ("auto", "torch") else None
+    qm = None if query_mask is None else query_mask[:, None, None, :].expand(B, Hkv, G, n).reshape(P, G * n)
+    sw = SoftmaxWeights.maybe(Qp, Kp, Vp, scale, kbp, qm) if backend in ("auto", "torch") else None
     if sw is not None:
         Yp, lsep = sw.Y, sw.lse
     else:
@@ -311,7 +312,7 @@ def compact_layer(
         lsep = _to_problems(lse, Hkv)
     qw = torch.isfinite(lsep)
     if query_mask is not None:
-        qw = qw & query_mask[:, None, None, :].expand(B, Hkv, G, n).reshape(P, G * n)
+        qw = qw & qm
     qwf = qw.float()
     lsep = torch.where(qw, lsep, torch.full_like(lsep, 1e30))
     clock("reference")
@@ -321,7 +322,8 @@ def compact_layer(
         valid = torch.zeros(P, 0, dtype=torch.bool, device=dev)
     elif method == "highest_attention":
         scores = highest_attention_scores(Qp, Kp, lsep, scale, kbp, reduce=aggregate, query_weight=qwf,
-                                          weights=None if sw is None else sw.A)
+                                          weights=None if sw is None else sw.A,
+                                          col_sq=None if sw is None else sw.col_sq)
         idx, valid = top_keys(scores, c_rest, t_rest)
     else:
         kpi = omp_keys_per_iter or (1 if method == "omp" else 4)
@@ -367,7 +369,7 @@ def compact_layer(
             fitted = torch.exp(compacted_lse(Qp, C, beta.masked_fill(~live, float("-inf")), scale, backend)
                                - lsep)
         gain = residual_gain(Qp, Kp, lsep, scale, fitted, kbp, query_weight=qwf,
-                             weights=None if sw is None else sw.A)
+                             weights=None if sw is None else sw.A, col_sq=None if sw is None else sw.col_sq)
         idx, valid = refill_slots(idx, valid, dead, used, gain)
         w0 = torch.exp(beta).masked_fill(dead | ~valid, 0.0)  # warm start: new keys start at 0
     dead = _dead_slots(beta, valid)

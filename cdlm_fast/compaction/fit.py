@@ -194,27 +194,18 @@ def fit_values(Q: torch.Tensor, C: torch.Tensor, beta: torch.Tensor, Y: torch.Te
     P, N = Q.shape[:2]
     if C.shape[1] == 0:  # no slot to fit (e.g. all of the budget went to sinks and the recent window)
         return torch.zeros(P, 0, Y.shape[-1], dtype=torch.float32, device=Q.device)
-    lse_c = compacted_lse(Q, C, beta, scale, backend=backend)
-    finite = torch.isfinite(lse_c)
-    if query_weight is not None:
-        finite = finite & (query_weight > 0)
     valid = torch.isfinite(beta)
     vf = valid.float()
-
-    def gram(rows):
-        shift = torch.where(rows, lse_c, torch.full_like(lse_c, 1e30))
-        G, R = exp_gram(Q, C.float(), beta, shift, scale, Y.float())
-        G, _ = _mask_problem(G, R[..., 0], valid)
-        return G, R * valid[:, :, None]
-
-    held = finite & (torch.arange(N, device=Q.device) % 5 == 4)[None, :]
-    auto = ridge == "auto" and bool(held.any())
-    if auto:
-        Gf, Rf = gram(finite & ~held)
-        Gh, Rh = gram(held)
-        G, R = Gf + Gh, Rf + Rh
+    qw = torch.ones(P, N, dtype=torch.bool, device=Q.device) if query_weight is None else query_weight > 0
+    auto = ridge == "auto" and N >= 5
+    if Q.device.type == "cpu" and MassGram.fits(P, N, C.shape[1]):
+        G, R, Gh, Rh = _value_grams_dense(Q, C, beta, Y, scale, qw & valid.any(1, keepdim=True), auto)
+        auto = auto and Gh is not None
     else:
-        G, R = gram(finite)
+        G, R, Gh, Rh = _value_grams_streamed(Q, C, beta, Y, scale, qw, valid, auto, backend)
+        auto = auto and Gh is not None
+    if auto:
+        Gf, Rf = G - Gh, R - Rh
     d = (torch.diagonal(G, dim1=1, dim2=2) * vf).sum(1) / vf.sum(1).clamp(min=1)
     d = torch.where(d > 0, d, torch.ones_like(d))[:, None, None]
     # Normalising every problem by its mean diagonal makes one scalar ridge relative for all.
@@ -242,3 +233,56 @@ def fit_values(Q: torch.Tensor, C: torch.Tensor, beta: torch.Tensor, Y: torch.Te
     else:  # a fixed ridge, or "auto" without a held-out query (then the smallest candidate)
         lam = torch.full((P,), RIDGE_CANDIDATES[0] if ridge == "auto" else float(ridge), device=Q.device)
     return solve(G, R, lam).float()
+
+
+def _held_rows(N: int, device) -> torch.Tensor:
+    """``[N]`` bool: the held-out queries of ``ridge="auto"`` (every fifth one)."""
+    return torch.arange(N, device=device) % 5 == 4
+
+
+def _value_grams_dense(Q, C, beta, Y, scale, rows, held):
+    """``(G, R, G_held, R_held)`` of the value fit from ``X = softmax(scale Q C^T + beta)`` ``[P, N, t]``
+    held in memory (one GEMM, one row softmax, two Gram products; a CPU path): the exact softmax
+    of every query with a usable slot, ``rows`` ``[P, N]`` bool the queries that count. The held
+    part (``None`` when ``held`` is False or no query is held out) is the Gram of the held-out
+    queries alone, already inside ``G``."""
+    valid = torch.isfinite(beta)
+    logits = torch.baddbmm(beta.masked_fill(~valid, float("-inf"))[:, None, :], Q, C.float().transpose(1, 2),
+                           alpha=scale)
+    X = torch.softmax(logits, dim=-1)
+    X = torch.where(rows[:, :, None], X, torch.zeros((), dtype=X.dtype))  # no usable slot: NaN rows
+    Yf = torch.where(rows[:, :, None], Y.float(), torch.zeros((), dtype=torch.float32))
+    Xt = X.transpose(1, 2)
+    G, R = torch.bmm(Xt, X), torch.bmm(Xt, Yf)
+    G, _ = _mask_problem(G, R[..., 0], valid)
+    R = R * valid[:, :, None]
+    if not held:
+        return G, R, None, None
+    if not bool(rows[:, 4::5].any()):  # the rows of _held_rows
+        return G, R, None, None
+    Xh = X[:, 4::5]
+    Gh = torch.bmm(Xh.transpose(1, 2), Xh) * (valid[:, :, None] & valid[:, None, :])
+    Rh = torch.bmm(Xh.transpose(1, 2), Yf[:, 4::5]) * valid[:, :, None]
+    return G, R, Gh, Rh
+
+
+def _value_grams_streamed(Q, C, beta, Y, scale, qw, valid, held, backend):
+    """:func:`_value_grams_dense` without holding ``X``: the log-masses of the compacted keys through
+    the attention op, then ``exp_gram`` over the fitted and the held-out rows (GPUs, large problems)."""
+    lse_c = compacted_lse(Q, C, beta, scale, backend=backend)
+    finite = torch.isfinite(lse_c) & qw
+
+    def gram(rows):
+        shift = torch.where(rows, lse_c, torch.full_like(lse_c, 1e30))
+        G, R = exp_gram(Q, C.float(), beta, shift, scale, Y.float())
+        G, _ = _mask_problem(G, R[..., 0], valid)
+        return G, R * valid[:, :, None]
+
+    hrows = finite & _held_rows(Q.shape[1], Q.device)[None, :]
+    if not (held and bool(hrows.any())):
+        G, R = gram(finite)
+        return G, R, None, None
+    Gf, Rf = gram(finite & ~hrows)
+    Gh, Rh = gram(hrows)
+    Gh = Gh * (valid[:, :, None] & valid[:, None, :])
+    return Gf + Gh, Rf + Rh, Gh, Rh

@@ -52,13 +52,16 @@ def _chunks(Q, K, lse, scale, key_bias, budget_elems, power, weights):
 
 def highest_attention_scores(Q, K, lse, scale, key_bias=None, *, reduce: str = "rms",
                              query_weight: Optional[torch.Tensor] = None,
-                             weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                             weights: Optional[torch.Tensor] = None,
+                             col_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-key importance ``[P, T]``: softmax weights aggregated over queries.
 
     ``reduce`` is ``"rms"`` (root mean square over queries, the published default), ``"mean"``
     or ``"max"``. ``query_weight`` ``[P, N]`` (0/1) excludes padded queries. ``weights``: the
     softmax weights ``[P, N, T]`` when the caller holds them (:class:`SoftmaxWeights`), else they
-    are recomputed in chunks from ``Q``, ``K`` and ``lse``.
+    are recomputed in chunks from ``Q``, ``K`` and ``lse``; ``col_sq`` ``[P, T]``: their column sums of
+    squares over the queries of ``query_weight`` when the caller has them (``"rms"`` then reads
+    nothing else).
     """
     if reduce not in ("rms", "mean", "max"):
         raise ValueError(f"reduce must be 'rms', 'mean' or 'max', got {reduce!r}")
@@ -67,7 +70,9 @@ def highest_attention_scores(Q, K, lse, scale, key_bias=None, *, reduce: str = "
     denom = (query_weight.sum(1, keepdim=True).clamp(min=1) if query_weight is not None
              else torch.full((P, 1), float(N), device=Q.device))
     qw = None if query_weight is None else query_weight.float()
-    if reduce != "max":  # sums over queries as a batched GEMV, on exp(2 logits) = A^2 for "rms"
+    if reduce == "rms" and col_sq is not None:
+        out = torch.sqrt(col_sq / denom)
+    elif reduce != "max":  # sums over queries as a batched GEMV, on exp(2 logits) = A^2 for "rms"
         w = torch.ones(P, 1, N, device=Q.device) if qw is None else (qw * qw if reduce == "rms" else qw)[:, None]
         for s, A in _chunks(Q, K, lse, scale, key_bias, 1 << 22, 2 if reduce == "rms" else 1, weights):
             tot = torch.bmm(w, A)[:, 0] / denom
@@ -82,40 +87,60 @@ def highest_attention_scores(Q, K, lse, scale, key_bias=None, *, reduce: str = "
 
 class SoftmaxWeights:
     """The softmax-weight matrix ``A`` ``[P, N, T]`` float32 of every reference query over every key,
-    held in memory (a CPU path): one GEMM and one ``exp`` give the original outputs and the
-    log-masses, and ``A`` is passed as ``weights`` to :func:`highest_attention_scores` and
-    :func:`residual_gain`, which otherwise recompute ``Q K^T`` and its ``exp`` in chunks. Built by :meth:`maybe` when ``A`` fits
-    ``MAX_BYTES``.
+    held in memory (a CPU path): one GEMM and one softmax give the original outputs and the
+    log-masses, and ``A`` is passed as ``weights`` (with its column sums of squares as ``col_sq``)
+    to :func:`highest_attention_scores` and :func:`residual_gain`, which otherwise recompute
+    ``Q K^T`` and its ``exp`` in chunks. Built by :meth:`maybe` when ``A`` fits ``MAX_BYTES``.
+
+    ``A`` is built ``ROWS`` queries at a time, so that the logits, their row maximum, ``exp``, the
+    normalisation and the products with ``V`` all run on a block that stays in the CPU caches.
 
     Attributes: ``A`` ``[P, N, T]``; ``lse`` ``[P, N]`` (``-inf`` for a query that sees no key, whose
-    row of ``A`` is 0); ``Y`` ``[P, N, Dv]`` the original attention outputs, all float32.
+    row of ``A`` is 0); ``Y`` ``[P, N, Dv]`` the original attention outputs; ``col_sq`` ``[P, T]``
+    ``sum_i query_weight_i A_ij^2``; all float32.
     """
 
     MAX_BYTES = 1 << 29  # 512 MiB of A
+    ROWS = 256  # queries per block: 256 x 2048 keys of float32 = 2 MiB (fastest of 32-512 on a 2-core EPYC)
 
     @classmethod
-    def maybe(cls, Q, K, V, scale, key_bias=None) -> Optional["SoftmaxWeights"]:
+    def maybe(cls, Q, K, V, scale, key_bias=None, query_weight=None) -> Optional["SoftmaxWeights"]:
         """An instance for ``Q`` ``[P, N, D]``, ``K`` ``[P, T, D]``, ``V`` ``[P, T, Dv]``, ``key_bias``
-        ``[P, T]`` (``-inf`` masks a key) on the CPU when ``A`` fits ``MAX_BYTES``; else ``None``."""
+        ``[P, T]`` (``-inf`` masks a key), ``query_weight`` ``[P, N]`` (0/1, for ``col_sq``) on the
+        CPU when ``A`` fits ``MAX_BYTES``; else ``None``."""
         P, N, _ = Q.shape
         if Q.device.type != "cpu" or P * N * K.shape[1] * 4 > cls.MAX_BYTES:
             return None
-        return cls(Q, K, V, scale, key_bias)
+        return cls(Q, K, V, scale, key_bias, query_weight)
 
-    def __init__(self, Q, K, V, scale, key_bias=None):
-        Qf, Kf = Q.float(), K.float()
-        if key_bias is None:
-            A = torch.bmm(Qf, Kf.transpose(1, 2)).mul_(scale)
-        else:
-            A = torch.baddbmm(key_bias.float()[:, None, :], Qf, Kf.transpose(1, 2), alpha=scale)
-        m = A.amax(-1)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # a row with no key: exp(-inf) = 0
-        A.sub_(m[:, :, None]).exp_()
-        mass = A.sum(-1)
-        A.div_(mass.clamp(min=torch.finfo(torch.float32).tiny)[:, :, None])
-        self.A = A
-        self.lse = m + torch.log(mass)
-        self.Y = torch.bmm(A, V.float())
+    def __init__(self, Q, K, V, scale, key_bias=None, query_weight=None):
+        P, N, _ = Q.shape
+        T = K.shape[1]
+        Qf, Kt, Vf = Q.float(), K.float().transpose(1, 2), V.float()
+        kb = None if key_bias is None else key_bias.float()[:, None, :]
+        qw = None if query_weight is None else query_weight.float()
+        self.A = torch.empty(P, N, T, dtype=torch.float32, device=Q.device)
+        self.lse = torch.empty(P, N, dtype=torch.float32, device=Q.device)
+        self.Y = torch.empty(P, N, Vf.shape[-1], dtype=torch.float32, device=Q.device)
+        self.col_sq = torch.zeros(P, T, dtype=torch.float32, device=Q.device)
+        for p in range(P):
+            for i0 in range(0, N, self.ROWS):
+                i1 = min(N, i0 + self.ROWS)
+                a = self.A[p, i0:i1]
+                if kb is None:
+                    torch.mm(Qf[p, i0:i1], Kt[p], out=a).mul_(scale)
+                else:
+                    torch.addmm(kb[p], Qf[p, i0:i1], Kt[p], alpha=scale, out=a)
+                m = a.amax(-1)
+                torch.softmax(a, -1, out=a)  # row-wise in cache; its exp is faster than torch.exp's
+                # the largest weight of a row is exp(0) / mass: lse = m + log(mass) = m - log(max weight)
+                self.lse[p, i0:i1] = m - torch.log(a.amax(-1))
+                if not bool(torch.isfinite(m).all()):  # a query that sees no key: a zero row, lse -inf
+                    a.masked_fill_(torch.isneginf(m)[:, None], 0.0)
+                    self.lse[p, i0:i1].masked_fill_(torch.isneginf(m), float("-inf"))
+                torch.mm(a, Vf[p], out=self.Y[p, i0:i1])
+                w = a.square()
+                self.col_sq[p] += w.sum(0) if qw is None else qw[p, i0:i1] @ w
 
 
 def top_keys(scores: torch.Tensor, counts: torch.Tensor, t: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -244,21 +269,28 @@ def forced_keys(counts: torch.Tensor, T: int, sinks: int = 0, window=0,
 
 def residual_gain(Q, K, lse, scale, fitted: torch.Tensor, key_bias=None, *,
                   query_weight: Optional[torch.Tensor] = None,
-                  weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  weights: Optional[torch.Tensor] = None,
+                  col_sq: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Per-key gain ``[P, T]`` of adding a key to a mass fit: the correlation ``a_j^T r / ||a_j||`` of
     its softmax-weight column ``a_j`` with the residual ``r = 1 - fitted`` (``fitted`` ``[P, N]``: each
     query's mass over the current slots, relative to its original mass). A key with positive gain
     lowers the NNLS objective when it enters, so it gets a positive weight (the OMP criterion).
     ``weights``: the held softmax weights ``[P, N, T]`` (see :func:`highest_attention_scores`); the
     column norms are then over the queries of ``query_weight`` 1 (0/1), which the chunks get from an
-    ``lse`` of 1e30 on the excluded queries in ``compact_layer``."""
+    ``lse`` of 1e30 on the excluded queries in ``compact_layer``; ``col_sq``: their squares summed over
+    those queries, as :func:`highest_attention_scores` takes them."""
     P, N, _ = Q.shape
     qw = torch.ones(P, N, device=Q.device) if query_weight is None else query_weight.float()
     r = ((qw - fitted.float()) * qw)[:, None, :]
     out = torch.empty(P, K.shape[1], dtype=torch.float32, device=Q.device)
     for s, A in _chunks(Q, K, lse, scale, key_bias, 1 << 22, 1, weights):
         corr = torch.bmm(r, A)[:, 0]
-        norm = (A.square_().sum(1) if weights is None else torch.bmm(qw[:, None, :], A.square())[:, 0]).sqrt_()
+        if col_sq is not None and weights is not None:
+            norm = col_sq.sqrt()
+        elif weights is None:
+            norm = A.square_().sum(1).sqrt_()
+        else:
+            norm = torch.bmm(qw[:, None, :], A.square())[:, 0].sqrt_()
         out[:, s:s + A.shape[-1]] = corr / norm.clamp(min=1e-30)
     if key_bias is not None:
         out = out.masked_fill(torch.isneginf(key_bias), float("-inf"))
