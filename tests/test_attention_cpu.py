@@ -31,7 +31,11 @@ CASES = {
     "prefix-rows-dropped": (1, 2, 1, 40, 40, 16, 10, 1, 0, None, "head-inf"),
     "decode-one-kv-head-dropped": (2, 6, 2, 8, 64, 32, 32, 8, 56, None, "kvhead-inf"),
     "decode-mid-cache": (1, 4, 2, 8, 100, 64, 40, 8, 48, None, "inf"),
+    # a prompt then blocks (the prompt's queries over it in one call, the blocks' keys merged in)
+    "prompt-blocks-kvlens": (2, 6, 2, 261, 261, 32, 200, 16, 0, [261, 209], "inf"),
+    "prompt-blocks-prompt-dropped": (2, 6, 2, 230, 230, 32, 200, 16, 0, None, "prompt-inf"),
 }
+PROMPT_THEN_REST = ("prompt-then-blocks", "prompt-blocks-kvlens", "prompt-blocks-prompt-dropped")
 TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-5), torch.bfloat16: (2e-2, 1e-4),
        torch.float16: (5e-3, 1e-4)}
 
@@ -53,6 +57,8 @@ def _inputs(case, dtype, seed=0):
             bias.fill_(-math.inf)
         elif kind == "kvhead-inf":  # every key of KV head 1 of sample 0 dropped (GQA: 3 query heads)
             bias[0, 1] = -math.inf
+        elif kind == "prompt-inf":  # KV head 1 of sample 0 sees nothing in the prompt, only in the blocks
+            bias[0, 1, :prefix] = -math.inf
         elif kind == "head-inf":  # the first 12 keys dropped: the first queries see nothing
             bias[:, :, :12] = -math.inf
     prefix_t = torch.tensor(prefix if isinstance(prefix, list) else [prefix] * b)
@@ -87,6 +93,19 @@ def test_torch_backend_matches_reference(case, dtype):
     q, k, v, bias, kw = _inputs(case, dtype)
     out, lse = cdlm_fast.attention(q, k, v, bias=bias, return_lse=True, backend="torch", **kw)
     _check(out, lse, q, k, v, bias, kw, dtype)
+
+
+@pytest.mark.parametrize("case", PROMPT_THEN_REST)
+def test_prompt_then_blocks_take_one_call_over_the_prompt(case, monkeypatch):
+    """A prompt and a few blocks: every query over the prompt's keys in one call, the blocks' keys by
+    tiles merged into the later rows (checked against the reference above in every dtype)."""
+    q, k, v, bias, kw = _inputs(case, torch.float32, seed=3)
+    calls = []
+    inner = attention_cpu._prompt_then_rest
+    monkeypatch.setattr(attention_cpu, "_prompt_then_rest", lambda *a: calls.append(a[6:8]) or inner(*a))
+    out, lse = cdlm_fast.attention(q, k, v, bias=bias, return_lse=True, backend="torch", **kw)
+    _check(out, lse, q, k, v, bias, kw, torch.float32)
+    assert [tuple(c) for c in calls] == [(200, 200)]  # (keys seen by all, queries that see only those)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))

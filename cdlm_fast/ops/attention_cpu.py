@@ -152,16 +152,52 @@ def attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Opt
     if Lq > 1 and bool((limits == torch.arange(q_offset + 1, q_offset + Lq + 1, device=limits.device)).all()):
         o, l = _causal(q, k, v, bias_c, cnt, limits, q_offset, scale, cdt)
         return o.reshape(B, Hq, Lq, D).to(q.dtype), l.reshape(B, Hq, Lq)
+    lo_all = int(lo_t[0])  # limits are non-decreasing in i: the fewest keys any query sees
+    r0 = int((hi_t <= lo_all).sum())  # the leading queries that see exactly keys [0, lo_all)
+    if lo_all > 0 and 2 * r0 >= Lq:  # a prompt and a few blocks: see _prompt_then_rest
+        return _prompt_then_rest(q, k, v, bias_c, cnt, limits, lo_all, r0, scale, cdt)
+    o, l = _tiled(q5, k, v, bias_c, cnt, limits, lo_t, hi_t, scale, cdt)
+    return o.reshape(B, Hq, Lq, D).to(q.dtype), l.reshape(B, Hq, Lq)
+
+
+def _tiled(q5, k, v, bias_c, cnt, limits, lo_t, hi_t, scale, cdt):
+    """Every query of ``q5`` ``[B, Hkv, G, Lq, D]`` through the tiles of :func:`_tiles`:
+    ``(out [B, Hkv, G, Lq, D], lse [B, Hkv, G, Lq])``."""
+    B, Hkv, G, Lq, D = q5.shape
     tiles = _tiles(lo_t, hi_t, QUERY_TILE)
     if len(tiles) == 1:
         i0, i1, lo, hi = tiles[0]
-        o, l = _tile(q5, k, v, bias_c, cnt, limits, i0, i1, lo, hi, scale, cdt)
-        return o.reshape(B, Hq, Lq, D).to(q.dtype), l.reshape(B, Hq, Lq)
-    out = torch.empty(B, Hkv, G, Lq, D, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, Hkv, G, Lq, dtype=cdt, device=q.device)
+        return _tile(q5, k, v, bias_c, cnt, limits, i0, i1, lo, hi, scale, cdt)
+    out = torch.empty(B, Hkv, G, Lq, D, dtype=q5.dtype, device=q5.device)
+    lse = torch.empty(B, Hkv, G, Lq, dtype=cdt, device=q5.device)
     for i0, i1, lo, hi in tiles:
         out[:, :, :, i0:i1], lse[:, :, :, i0:i1] = _tile(q5, k, v, bias_c, cnt, limits, i0, i1, lo, hi, scale, cdt)
-    return out.view(B, Hq, Lq, D), lse.view(B, Hq, Lq)
+    return out, lse
+
+
+def _prompt_then_rest(q, k, v, bias_c, cnt, limits, lo_all, r0, scale, cdt):
+    """Queries ``[0, r0)`` see keys ``[0, lo_all)``, the later ones more (a prompt, then blocks): every
+    query over ``[0, lo_all)`` in **one** call on the folded rows (:func:`_shared`: ``q`` and the output
+    are views, nothing copied), then the queries ``[r0, Lq)`` over keys ``[lo_all, hi)`` by tiles, merged
+    into their rows by lse. Against tiling from key 0 this saves the copies of the prompt's queries and
+    outputs (4% of a Llama-8B-shaped 2K prefill on a 2-core CPU)."""
+    B, Hq, Lq, D = q.shape
+    Hkv = k.shape[1]
+    G = Hq // Hkv
+    o, l = _shared(q, k, v, bias_c, lo_all, scale, cdt)
+    o5, l5 = o.reshape(B, Hkv, G, Lq, D), l.reshape(B, Hkv, G, Lq)
+    lim = limits[:, r0:] - lo_all
+    ob, lb = _tiled(q.reshape(B, Hkv, G, Lq, D)[:, :, :, r0:], k[:, :, lo_all:], v[:, :, lo_all:],
+                    None if bias_c is None else bias_c[:, :, lo_all:],
+                    None if cnt is None else cnt[:, :, lo_all:] - cnt[:, :, lo_all:lo_all + 1],
+                    lim, lim.amin(0), lim.amax(0), scale, cdt)
+    la = l5[:, :, :, r0:]
+    lm = torch.logaddexp(la, lb)
+    safe = torch.where(torch.isfinite(lm), lm, torch.zeros_like(lm))
+    om = torch.exp(la - safe)[..., None] * o5[:, :, :, r0:].to(cdt) + torch.exp(lb - safe)[..., None] * ob.to(cdt)
+    o5[:, :, :, r0:] = om.to(o5.dtype)
+    l5[:, :, :, r0:] = lm
+    return o5.reshape(B, Hq, Lq, D), l5.reshape(B, Hq, Lq)
 
 
 def _no_keys(q: torch.Tensor, cdt: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
