@@ -30,7 +30,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..backends import op
-from ..reference.attention import key_limits
+from .attention_cpu import key_limits
 
 __all__ = ["attention_train", "attention_backward_torch", "backward_backend", "CHUNK_ELEMENTS"]
 

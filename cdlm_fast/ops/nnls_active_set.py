@@ -12,7 +12,7 @@ Algorithm (the same for every backend; only the ADMM iteration kernel differs):
    factorisation ``M = (G + rho I)^{-1}`` (``rho`` = mean of ``diag(G)``), in float32.
 2. **Active set** (float64, lock step over the batch, finished problems leave the batch):
    solve ``G[P, P] s = h[P]`` with a fixed-size masked Cholesky
-   (:func:`cdlm_fast.reference.nnls.masked_passive_solve`). Then, per problem:
+   (:func:`cdlm_fast.ops.nnls_common.masked_passive_solve`). Then, per problem:
 
    * an index that just entered (``x_j = 0``) with ``s_j <= 0`` is dropped again, ``x`` is kept;
    * else, if some ``s_j <= 0``, step from the feasible ``x`` towards ``s`` until the first
@@ -25,7 +25,7 @@ Algorithm (the same for every backend; only the ADMM iteration kernel differs):
    a new index. If every new index is rejected, the next round adds only the single most
    violating index (the Lawson--Hanson rule, which provably enters); if even that one is
    rejected the problem is numerically singular and is reported with ``converged = False``.
-3. **KKT check**: :func:`cdlm_fast.reference.nnls.kkt_residual` of the final ``x``.
+3. **KKT check**: :func:`cdlm_fast.ops.nnls_common.kkt_residual` of the final ``x``.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from typing import Callable, Optional, Tuple
 
 import torch
 
-from ..reference.nnls import h_scale, kkt_residual, masked_passive_solve
+from .nnls_common import h_scale, kkt_residual, masked_passive_solve
 
 __all__ = ["nnls_gram_active_set", "admm_step_torch", "ADMM_MIN_T", "ADMM_ITERS", "DEFAULT_TOL"]
 

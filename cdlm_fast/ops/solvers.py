@@ -51,7 +51,7 @@ class NNLSResult(NamedTuple):
         x: ``[..., t]`` solution, ``>= 0``; float64 if an input was float64, else float32.
         iterations: ``[...]`` int64, passive-set solves used per problem.
         kkt_residual: ``[...]`` float64, ``max_j |min(G_jj x_j, g_j)| / max_j |h_j|`` with the
-            gradient ``g = G x - h`` (see :func:`cdlm_fast.reference.nnls.kkt_residual`); zero
+            gradient ``g = G x - h`` (see :func:`cdlm_fast.ops.nnls_common.kkt_residual`); zero
             exactly at the solution.
         converged: ``[...]`` bool, True when the active set terminated with the KKT conditions
             met to ``tol`` (False: iteration cap hit or a numerically singular passive set).
