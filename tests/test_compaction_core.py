@@ -588,3 +588,25 @@ def test_value_fit_held_softmax_matches_the_streamed_grams(monkeypatch, ridge):
             X = torch.softmax(0.25 * Q[p].double() @ C[p].double().T + beta[p].double(), -1)[rows][:, keep]
             sol = torch.linalg.lstsq(X, Y[p].double()[rows]).solution
             assert float((dense[p][keep].double() - sol).norm() / sol.norm()) < 1e-3
+
+
+def test_softmax_rows_in_place_and_without_output_aliasing(monkeypatch):
+    # the held softmax weights are normalised in place; a build that refuses out= aliasing its input
+    # gets the same rows through a copy
+    from cdlm_fast.compaction.select import softmax_rows_
+
+    x = torch.randn(5, 33, generator=torch.Generator().manual_seed(2)) * 4
+    x[1, :7] = float("-inf")
+    ref = torch.softmax(x.double(), -1)
+    y = x.clone()
+    assert softmax_rows_(y) is y and float((y.double() - ref).abs().max()) < 1e-6
+    real = torch.softmax
+
+    def no_alias(t, dim, *args, **kw):
+        if kw.get("out") is not None:
+            raise RuntimeError("unsupported operation: the output aliases the input")
+        return real(t, dim, *args, **kw)
+
+    monkeypatch.setattr(torch, "softmax", no_alias)
+    z = x.clone()
+    assert softmax_rows_(z) is z and float((z.double() - ref).abs().max()) < 1e-6

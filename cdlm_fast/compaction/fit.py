@@ -13,7 +13,7 @@ import torch
 
 from ..ops.gram import exp_gram, exp_rows
 from ..ops.solvers import lstsq_gram, nnls_gram
-from .select import _mask_problem, _masked_shift
+from .select import _mask_problem, _masked_shift, softmax_rows_
 
 __all__ = ["fit_beta", "MassGram", "compacted_lse", "fit_values", "RIDGE_CANDIDATES", "WEIGHT_FLOOR"]
 
@@ -249,8 +249,7 @@ def _value_grams_dense(Q, C, beta, Y, scale, rows, held):
     valid = torch.isfinite(beta)
     logits = torch.baddbmm(beta.masked_fill(~valid, float("-inf"))[:, None, :], Q, C.float().transpose(1, 2),
                            alpha=scale)
-    X = torch.softmax(logits, dim=-1)
-    X = torch.where(rows[:, :, None], X, torch.zeros((), dtype=X.dtype))  # no usable slot: NaN rows
+    X = softmax_rows_(logits).masked_fill_(~rows[:, :, None], 0.0)  # in place; no usable slot: NaN rows
     Yf = torch.where(rows[:, :, None], Y.float(), torch.zeros((), dtype=torch.float32))
     Xt = X.transpose(1, 2)
     G, R = torch.bmm(Xt, X), torch.bmm(Xt, Yf)

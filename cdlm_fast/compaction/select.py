@@ -132,7 +132,7 @@ class SoftmaxWeights:
                 else:
                     torch.addmm(kb[p], Qf[p, i0:i1], Kt[p], alpha=scale, out=a)
                 m = a.amax(-1)
-                torch.softmax(a, -1, out=a)  # row-wise in cache; its exp is faster than torch.exp's
+                softmax_rows_(a)  # row-wise in cache; its exp is faster than torch.exp's
                 # the largest weight of a row is exp(0) / mass: lse = m + log(mass) = m - log(max weight)
                 self.lse[p, i0:i1] = m - torch.log(a.amax(-1))
                 if not bool(torch.isfinite(m).all()):  # a query that sees no key: a zero row, lse -inf
@@ -141,6 +141,14 @@ class SoftmaxWeights:
                 torch.mm(a, Vf[p], out=self.Y[p, i0:i1])
                 w = a.square()
                 self.col_sq[p] += w.sum(0) if qw is None else qw[p, i0:i1] @ w
+
+
+def softmax_rows_(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension of ``x`` in place (``x`` returned); rows of ``-inf`` become NaN."""
+    try:
+        return torch.softmax(x, -1, out=x)
+    except RuntimeError:  # a build that refuses the output aliasing its input
+        return x.copy_(torch.softmax(x, -1))
 
 
 def top_keys(scores: torch.Tensor, counts: torch.Tensor, t: int) -> Tuple[torch.Tensor, torch.Tensor]:
