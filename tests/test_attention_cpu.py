@@ -166,7 +166,7 @@ def test_fast_path_leaves_bad_arguments_to_the_checks():
 
 
 @pytest.mark.parametrize("case", ["causal-offset", "causal-prefill-gqa-dropped", "causal-batch-kvlens",
-                                  "decode-unaligned", "empty-rows", "prefix-rows-dropped"])
+                                  "decode-unaligned", "empty-rows", "prefix-rows-dropped", *PROMPT_THEN_REST])
 def test_dense_path_for_other_devices(case, monkeypatch):
     """Without the CPU flash kernel (as on a CUDA device) every part is a dense tile softmax."""
     monkeypatch.setattr(attention_cpu, "_FLASH_CPU", None)
