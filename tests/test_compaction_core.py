@@ -610,3 +610,61 @@ def test_softmax_rows_in_place_and_without_output_aliasing(monkeypatch):
     monkeypatch.setattr(torch, "softmax", no_alias)
     z = x.clone()
     assert softmax_rows_(z) is z and float((z.double() - ref).abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("kw", [{}, {"sinks": 2, "window": 0.25}, {"masks": True}], ids=["default", "window", "masks"])
+def test_uneven_budgets_compacted_head_by_head_match_the_batched_path(monkeypatch, kw):
+    # on the CPU, heads whose budgets differ a lot are compacted one at a time (no work on padding):
+    # the same keys, weights and values as the batched path, padded the same way
+    from cdlm_fast.compaction import core
+
+    k, v, q = _structured(B=2, Hkv=2, G=2, T=120, n=90, seed=9)
+    counts = torch.tensor([[60, 6], [9, 40]])
+    kw = dict(kw)
+    if kw.pop("masks", False):
+        km = torch.ones(2, 120, dtype=torch.bool)
+        km[1, :11] = False
+        qm = torch.ones(2, 90, dtype=torch.bool)
+        qm[0, -5:] = False
+        kw.update(key_mask=km, query_mask=qm)
+    assert core._split_by_head(counts, torch.device("cpu"))
+    st_split, st_batched = {}, {}
+    calls = []
+    inner = core._compact_heads_apart
+    monkeypatch.setattr(core, "_compact_heads_apart", lambda *a, **k_: calls.append(1) or inner(*a, **k_))
+    split = compact_layer(k, v, q, counts, stats=st_split, **kw)
+    assert calls == [1]
+    monkeypatch.setattr(core, "SPLIT_PADDED_WORK", float("inf"))
+    batched = compact_layer(k, v, q, counts, stats=st_batched, **kw)
+    assert split.keys.shape == batched.keys.shape == (2, 2, 60, 16)
+    assert torch.equal(split.indices, batched.indices) and torch.equal(split.counts, batched.counts)
+    fin = torch.isfinite(batched.bias)
+    assert torch.equal(fin, torch.isfinite(split.bias))
+    # (float32 products over a different padded width round differently; the NNLS carries it to 1e-3)
+    assert float((split.bias[fin] - batched.bias[fin]).abs().max()) < 2e-3
+    assert float((split.values - batched.values).norm() / batched.values.norm()) < 2e-3
+    assert (split.values[~fin] == 0).all() and (split.keys[~fin] == 0).all()
+    for st in (st_split, st_batched):  # refill rounds count per call (per head when split); ridge ties
+        st.pop("ridge_chosen"), st.pop("refill_rounds", None)
+    assert st_split == st_batched
+
+
+def test_max_softmax_weights_match_the_max_scores():
+    # the blocked maximum (the CPU path of allocate_counts) is highest_attention_scores(reduce="max"),
+    # with masked keys, excluded queries and a problem whose keys are all masked
+    from cdlm_fast.compaction.select import max_softmax_weights
+
+    g = torch.Generator().manual_seed(8)
+    P, N, T, D = 3, 70, 45, 16
+    Q, K = torch.randn(P, N, D, generator=g) * 2, torch.randn(P, T, D, generator=g)
+    bias = torch.zeros(P, T)
+    bias[:, 3:6] = float("-inf")
+    bias[2] = float("-inf")
+    qw = (torch.rand(P, N, generator=g) > 0.3).float()
+    got = max_softmax_weights(Q, K, 0.3, bias, qw, rows=16)
+    S = 0.3 * Q.double() @ K.double().mT + bias.double()[:, None]
+    A = torch.softmax(S[:2], -1) * qw[:2, :, None].double()
+    live = torch.isfinite(bias[:2])
+    assert float((got[:2].double() - A.amax(1))[live].abs().max()) < 1e-6
+    assert (got[:, 3:6] == -1).all() and (got[2] == -1).all()
+    assert torch.isfinite(got).all()

@@ -39,7 +39,8 @@ from .. import _validate as V
 from ..ops.attention import attention
 from .fit import MassGram, compacted_lse, fit_beta, fit_values
 from .refine import refine
-from .select import (SoftmaxWeights, _gather_keys, forced_keys, highest_attention_scores, omp_select,
+from .select import (SoftmaxWeights, _gather_keys, forced_keys, highest_attention_scores, max_softmax_weights,
+                     omp_select,
                      refill_slots, residual_gain, sort_slots, top_keys)
 from .types import CompactedLayer
 
@@ -116,12 +117,16 @@ def allocate_counts(kv, queries, budget: float, *, scale: Optional[float] = None
     for i, (k, v) in enumerate(kv):
         B, Hkv, T, D = k.shape
         sc = D ** -0.5 if scale is None else float(scale)
-        _, lse = reference_outputs(k, v, queries[i], scale=sc, backend=backend)
-        lsep = _to_problems(lse, Hkv)
-        qw = torch.isfinite(lsep)
-        lsep = torch.where(qw, lsep, torch.full_like(lsep, 1e30))
-        s_ = highest_attention_scores(_to_problems(queries[i].float(), Hkv), k.reshape(B * Hkv, T, D), lsep, sc,
-                                      reduce=aggregate, query_weight=qw.float())
+        Qp = _to_problems(queries[i].float(), Hkv)
+        if aggregate == "max" and k.device.type == "cpu" and backend in ("auto", "torch"):
+            s_ = max_softmax_weights(Qp, k.reshape(B * Hkv, T, D), sc)  # no log-masses needed
+        else:
+            _, lse = reference_outputs(k, v, queries[i], scale=sc, backend=backend)
+            lsep = _to_problems(lse, Hkv)
+            qw = torch.isfinite(lsep)
+            lsep = torch.where(qw, lsep, torch.full_like(lsep, 1e30))
+            s_ = highest_attention_scores(Qp, k.reshape(B * Hkv, T, D), lsep, sc, reduce=aggregate,
+                                          query_weight=qw.float())
         floor = s_.topk(min(max(int(min_keys), 1), T), dim=1).indices  # every head keeps its best min_keys
         s_ = s_.scatter(1, floor, float("inf"))
         scores.append(s_.reshape(B, Hkv * T))
@@ -281,6 +286,14 @@ def compact_layer(
         kb = kb.masked_fill(~key_mask[:, None, :], float("-inf"))
         counts = torch.minimum(counts, key_mask.sum(1, keepdim=True).clamp(min=1))
 
+    if _split_by_head(counts, dev):
+        return _compact_heads_apart(keys, values, queries, counts, method, scale=scale, key_mask=key_mask,
+                                    query_mask=query_mask, ridge=ridge, aggregate=aggregate, sinks=sinks,
+                                    window=window, logical_length=logical_length,
+                                    omp_keys_per_iter=omp_keys_per_iter, omp_refit_every=omp_refit_every,
+                                    backend=backend, timings=timings, refine_steps=refine_steps,
+                                    refine_lr=refine_lr, stats=stats)
+
     clock = _Clock(timings, dev)
     P = B * Hkv
     Kp = keys.reshape(P, T, D)
@@ -424,6 +437,60 @@ def compact_layer(
                        key_mask=key_mask, query_mask=query_mask, backend=backend)
         clock("refine")
     return layer
+
+
+# On the CPU, heads whose budgets differ by more than this factor of padded work are compacted one at
+# a time (see _split_by_head).
+SPLIT_PADDED_WORK = 1.5
+
+
+def _split_by_head(counts: torch.Tensor, device) -> bool:
+    """Whether to compact the heads of a layer one at a time: on the CPU, when padding every head to the
+    largest budget ``t`` (the batched path) would cost more than ``SPLIT_PADDED_WORK`` times the work of
+    each head at its own budget. The fits cost about ``N t^2`` per head (the Gram matrices), so with
+    non-uniform budgets (``allocation="mixed"``: one head of a SmolLM2 layer at 1715 slots, the others
+    at about 100) the batched path spends most of its time on padding; on a GPU the batch runs in
+    parallel and stays."""
+    if device.type != "cpu" or counts.numel() < 2:
+        return False
+    c = counts.flatten().tolist()
+    return len(c) * max(c) ** 2 > SPLIT_PADDED_WORK * sum(x * x for x in c)
+
+
+def _compact_heads_apart(keys, values, queries, counts, method, *, key_mask, query_mask, logical_length,
+                         refine_steps, **kw) -> CompactedLayer:
+    """:func:`compact_layer` head by head (each at its own budget ``counts[b, h]``), padded to the
+    largest budget as the batched path pads (``bias = -inf``, zero keys and values, index ``-1``)."""
+    B, Hkv, T, D = keys.shape
+    G = queries.shape[1] // Hkv
+    t = int(counts.max())
+    parts = []
+    for b in range(B):
+        for h in range(Hkv):
+            part = compact_layer(
+                keys[b:b + 1, h:h + 1], values[b:b + 1, h:h + 1], queries[b:b + 1, h * G:(h + 1) * G],
+                counts[b:b + 1, h:h + 1], method,
+                key_mask=None if key_mask is None else key_mask[b:b + 1],
+                query_mask=None if query_mask is None else query_mask[b:b + 1],
+                logical_length=logical_length, refine_steps=refine_steps, **kw)
+            parts.append(_pad_slots(part, t))
+    cat = {f: torch.cat([getattr(p, f) for p in parts], 1).reshape(B, Hkv, *getattr(parts[0], f).shape[2:])
+           for f in ("keys", "values", "bias", "counts", "indices")}
+    return CompactedLayer(cat["keys"], cat["values"], cat["bias"], parts[0].logical_length, cat["counts"],
+                          cat["indices"])
+
+
+def _pad_slots(layer: CompactedLayer, t: int) -> CompactedLayer:
+    """``layer`` with ``t`` slots per head: the extra ones unusable (``bias = -inf``, index ``-1``)."""
+    pad = t - layer.keys.shape[2]
+    if pad == 0:
+        return layer
+
+    def more(x, fill):
+        return torch.cat([x, x.new_full((*x.shape[:2], pad, *x.shape[3:]), fill)], 2)
+
+    return CompactedLayer(more(layer.keys, 0), more(layer.values, 0), more(layer.bias, float("-inf")),
+                          layer.logical_length, layer.counts, more(layer.indices, -1))
 
 
 def _dead_slots(beta: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from ..ops.gram import exp_gram
 from ..ops.solvers import nnls_gram
 
-__all__ = ["softmax_weight_chunks", "highest_attention_scores", "top_keys", "omp_select", "forced_keys",
+__all__ = ["softmax_weight_chunks", "highest_attention_scores", "max_softmax_weights", "softmax_blocks", "top_keys", "omp_select", "forced_keys",
            "refill_slots", "residual_gain", "sort_slots", "SoftmaxWeights"]
 
 
@@ -123,24 +123,58 @@ class SoftmaxWeights:
         self.lse = torch.empty(P, N, dtype=torch.float32, device=Q.device)
         self.Y = torch.empty(P, N, Vf.shape[-1], dtype=torch.float32, device=Q.device)
         self.col_sq = torch.zeros(P, T, dtype=torch.float32, device=Q.device)
-        for p in range(P):
-            for i0 in range(0, N, self.ROWS):
-                i1 = min(N, i0 + self.ROWS)
-                a = self.A[p, i0:i1]
-                if kb is None:
-                    torch.mm(Qf[p, i0:i1], Kt[p], out=a).mul_(scale)
-                else:
-                    torch.addmm(kb[p], Qf[p, i0:i1], Kt[p], alpha=scale, out=a)
-                m = a.amax(-1)
-                softmax_rows_(a)  # row-wise in cache; its exp is faster than torch.exp's
-                # the largest weight of a row is exp(0) / mass: lse = m + log(mass) = m - log(max weight)
-                self.lse[p, i0:i1] = m - torch.log(a.amax(-1))
-                if not bool(torch.isfinite(m).all()):  # a query that sees no key: a zero row, lse -inf
-                    a.masked_fill_(torch.isneginf(m)[:, None], 0.0)
-                    self.lse[p, i0:i1].masked_fill_(torch.isneginf(m), float("-inf"))
-                torch.mm(a, Vf[p], out=self.Y[p, i0:i1])
-                w = a.square()
-                self.col_sq[p] += w.sum(0) if qw is None else qw[p, i0:i1] @ w
+        for p, i0, i1, a, m in softmax_blocks(Qf, Kt, kb, scale, self.ROWS, self.A):
+            # the largest weight of a row is exp(0) / mass: lse = m + log(mass) = m - log(max weight)
+            self.lse[p, i0:i1] = m - torch.log(a.amax(-1))
+            if not bool(torch.isfinite(m).all()):  # a query that sees no key: a zero row, lse -inf
+                a.masked_fill_(torch.isneginf(m)[:, None], 0.0)
+                self.lse[p, i0:i1].masked_fill_(torch.isneginf(m), float("-inf"))
+            torch.mm(a, Vf[p], out=self.Y[p, i0:i1])
+            w = a.square()
+            self.col_sq[p] += w.sum(0) if qw is None else qw[p, i0:i1] @ w
+
+
+def softmax_blocks(Qf, Kt, kb, scale, rows, out=None):
+    """Yield ``(p, i0, i1, a, m)`` over problems ``p`` and blocks of ``rows`` queries ``[i0, i1)``: ``a``
+    ``[i1 - i0, T]`` the softmax weights of those queries (``softmax(scale Q K^T + kb)``, NaN rows where a
+    query sees no key), written into ``out[p, i0:i1]`` when ``out`` ``[P, N, T]`` is given (else a reused
+    block), and ``m`` their row maxima of the logits. ``Qf`` ``[P, N, D]`` and ``Kt`` ``[P, D, T]`` float32,
+    ``kb`` ``[P, 1, T]`` or ``None``."""
+    P, N, _ = Qf.shape
+    T = Kt.shape[2]
+    scratch = None if out is not None else torch.empty(min(rows, N), T, dtype=torch.float32, device=Qf.device)
+    for p in range(P):
+        for i0 in range(0, N, rows):
+            i1 = min(N, i0 + rows)
+            a = out[p, i0:i1] if out is not None else scratch[:i1 - i0]
+            if kb is None:
+                torch.mm(Qf[p, i0:i1], Kt[p], out=a).mul_(scale)
+            else:
+                torch.addmm(kb[p], Qf[p, i0:i1], Kt[p], alpha=scale, out=a)
+            m = a.amax(-1)
+            softmax_rows_(a)  # row-wise in cache; its exp is faster than torch.exp's
+            yield p, i0, i1, a, m
+
+
+def max_softmax_weights(Q, K, scale, key_bias=None, query_weight=None, rows: int = 256) -> torch.Tensor:
+    """``[P, T]``: every key's largest softmax weight over the queries of ``query_weight`` > 0 (all by
+    default), ``-1`` for keys with ``key_bias = -inf`` -- :func:`highest_attention_scores` with
+    ``reduce="max"``, computed by blocks of ``rows`` queries without the log-masses (one GEMM and one
+    row softmax per block; the CPU path of :func:`cdlm_fast.compaction.allocate_counts`)."""
+    P, N, _ = Q.shape
+    kb = None if key_bias is None else key_bias.float()[:, None, :]
+    out = torch.zeros(P, K.shape[1], dtype=torch.float32, device=Q.device)
+    for p, i0, i1, a, m in softmax_blocks(Q.float(), K.float().transpose(1, 2), kb, scale, rows):
+        keep = torch.isfinite(m)
+        if query_weight is not None:
+            keep = keep & (query_weight[p, i0:i1] > 0)
+        if not bool(keep.all()):
+            a = a[keep]
+        if a.shape[0]:
+            torch.maximum(out[p], a.amax(0), out=out[p])
+    if key_bias is not None:
+        out = out.masked_fill(torch.isneginf(key_bias), -1.0)
+    return out
 
 
 def softmax_rows_(x: torch.Tensor) -> torch.Tensor:
