@@ -145,11 +145,11 @@ def block_decode(model, tok, prompt: str, *, max_new_tokens: int = 64, block_siz
     return res
 
 
-def attention_latency(hq: int, hkv: int, d: int, prompt: int, block: int, repeats: int = 5,
-                      rounds: int = 3) -> List[Dict[str, object]]:
+def attention_latency(hq: int, hkv: int, d: int, prompt: int, block: int, calls: int = 60) -> List[Dict[str, object]]:
     """Median ms of one block-decode attention call: cdlm_fast (auto backend, with lse) vs SDPA with a
-    materialised float mask (built outside the timed region). The two alternate for ``rounds``
-    rounds of ``repeats`` calls; each row is its best round, so machine noise hits both alike."""
+    materialised float mask (built outside the timed region). The two alternate call by call,
+    ``calls`` times each after a warm-up (as ``bench/cpu_report.py`` times them), so a slow spell of
+    the machine hits both alike; each row is the median of its calls."""
     import torch.nn.functional as F
 
     import cdlm_fast
@@ -169,21 +169,20 @@ def attention_latency(hq: int, hkv: int, d: int, prompt: int, block: int, repeat
         "cdlm_fast.attention": lambda: cdlm_fast.attention(q, k, v, return_lse=True, **kw),
         "sdpa + float mask": lambda: F.scaled_dot_product_attention(q, kr, vr, attn_mask=fmask),
     }
-    best = {name: float("inf") for name in impls}
+    times = {name: [] for name in impls}
     for fn in impls.values():
         fn()
-    for _ in range(rounds):
+        fn()
+    for _ in range(calls):
         for name, fn in impls.items():
-            times = []
-            for _ in range(repeats):
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                fn()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                times.append(time.perf_counter() - t0)
-            best[name] = min(best[name], sorted(times)[len(times) // 2])
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    best = {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
     return [{"impl": name, "median_ms": 1e3 * t} for name, t in best.items()]
 
 
