@@ -181,7 +181,7 @@ def softmax_rows_(x: torch.Tensor) -> torch.Tensor:
     """Softmax over the last dimension of ``x`` in place (``x`` returned); rows of ``-inf`` become NaN."""
     try:
         return torch.softmax(x, -1, out=x)
-    except RuntimeError:  # a build that refuses the output aliasing its input
+    except (RuntimeError, TypeError):  # a build that refuses the output aliasing its input, or out=
         return x.copy_(torch.softmax(x, -1))
 
 
