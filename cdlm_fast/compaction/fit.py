@@ -200,10 +200,9 @@ def fit_values(Q: torch.Tensor, C: torch.Tensor, beta: torch.Tensor, Y: torch.Te
     auto = ridge == "auto" and N >= 5
     if Q.device.type == "cpu" and MassGram.fits(P, N, C.shape[1]):
         G, R, Gh, Rh = _value_grams_dense(Q, C, beta, Y, scale, qw & valid.any(1, keepdim=True), auto)
-        auto = auto and Gh is not None
     else:
         G, R, Gh, Rh = _value_grams_streamed(Q, C, beta, Y, scale, qw, valid, auto, backend)
-        auto = auto and Gh is not None
+    auto = auto and Gh is not None
     if auto:
         Gf, Rf = G - Gh, R - Rh
     d = (torch.diagonal(G, dim1=1, dim2=2) * vf).sum(1) / vf.sum(1).clamp(min=1)
@@ -235,9 +234,15 @@ def fit_values(Q: torch.Tensor, C: torch.Tensor, beta: torch.Tensor, Y: torch.Te
     return solve(G, R, lam).float()
 
 
+# The held-out queries of ridge="auto": every fifth one.
+_HELD = slice(4, None, 5)
+
+
 def _held_rows(N: int, device) -> torch.Tensor:
-    """``[N]`` bool: the held-out queries of ``ridge="auto"`` (every fifth one)."""
-    return torch.arange(N, device=device) % 5 == 4
+    """``[N]`` bool: the queries of ``_HELD``."""
+    rows = torch.zeros(N, dtype=torch.bool, device=device)
+    rows[_HELD] = True
+    return rows
 
 
 def _value_grams_dense(Q, C, beta, Y, scale, rows, held):
@@ -257,11 +262,11 @@ def _value_grams_dense(Q, C, beta, Y, scale, rows, held):
     R = R * valid[:, :, None]
     if not held:
         return G, R, None, None
-    if not bool(rows[:, 4::5].any()):  # the rows of _held_rows
+    if not bool(rows[:, _HELD].any()):
         return G, R, None, None
-    Xh = X[:, 4::5]
+    Xh = X[:, _HELD]
     Gh = torch.bmm(Xh.transpose(1, 2), Xh) * (valid[:, :, None] & valid[:, None, :])
-    Rh = torch.bmm(Xh.transpose(1, 2), Yf[:, 4::5]) * valid[:, :, None]
+    Rh = torch.bmm(Xh.transpose(1, 2), Yf[:, _HELD]) * valid[:, :, None]
     return G, R, Gh, Rh
 
 

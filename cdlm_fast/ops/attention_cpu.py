@@ -191,10 +191,7 @@ def _prompt_then_rest(q, k, v, bias_c, cnt, limits, lo_all, r0, scale, cdt):
                     None if bias_c is None else bias_c[:, :, lo_all:],
                     None if cnt is None else cnt[:, :, lo_all:] - cnt[:, :, lo_all:lo_all + 1],
                     lim, lim.amin(0), lim.amax(0), scale, cdt)
-    la = l5[:, :, :, r0:]
-    lm = torch.logaddexp(la, lb)
-    safe = torch.where(torch.isfinite(lm), lm, torch.zeros_like(lm))
-    om = torch.exp(la - safe)[..., None] * o5[:, :, :, r0:].to(cdt) + torch.exp(lb - safe)[..., None] * ob.to(cdt)
+    om, lm = _combine([(o5[:, :, :, r0:], l5[:, :, :, r0:], None), (ob, lb, None)], B, Hkv, G, Lq - r0, D, cdt)
     o5[:, :, :, r0:] = om.to(o5.dtype)
     l5[:, :, :, r0:] = lm
     return o5.reshape(B, Hq, Lq, D), l5.reshape(B, Hq, Lq)
