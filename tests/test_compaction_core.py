@@ -33,6 +33,29 @@ def _errors(k, v, layer, q, key_bias=None):
     return float((oc - o).norm() / o.norm()), float((torch.exp(lc - lse) - 1).abs().mean())
 
 
+def _with_masks(kw, B, T, n, key_pad, query_pad):
+    """``kw`` without its ``"masks"`` flag; with it, a key mask hiding the first ``key_pad`` keys of
+    the last sample and a query mask dropping the last ``query_pad`` queries of the first."""
+    kw = dict(kw)
+    if kw.pop("masks", False):
+        km = torch.ones(B, T, dtype=torch.bool)
+        km[-1, :key_pad] = False
+        qm = torch.ones(B, n, dtype=torch.bool)
+        qm[0, -query_pad:] = False
+        kw.update(key_mask=km, query_mask=qm)
+    return kw
+
+
+def _assert_same_compaction(got, ref, tol):
+    """The same kept keys and usable slots; beta and values within ``tol``."""
+    assert torch.equal(got.indices, ref.indices) and torch.equal(got.counts, ref.counts)
+    fin = torch.isfinite(ref.bias)
+    assert torch.equal(fin, torch.isfinite(got.bias))
+    assert float((got.bias[fin] - ref.bias[fin]).abs().max()) < tol
+    assert float((got.values - ref.values).norm() / ref.values.norm()) < tol
+    return fin
+
+
 @pytest.mark.parametrize("method", ["highest_attention", "omp", "omp_fast"])
 def test_compact_layer_shapes_dtypes_and_quality(method):
     k, v, q = _structured()
@@ -539,24 +562,14 @@ def test_compact_layer_kept_softmax_weights_match_the_chunked_path(monkeypatch, 
     from cdlm_fast.compaction.select import SoftmaxWeights
 
     k, v, q = _structured(B=2, Hkv=2, G=3, T=150, n=80, seed=5)
-    kw = dict(kw)
-    if kw.pop("masks", False):
-        km = torch.ones(2, 150, dtype=torch.bool)
-        km[1, :13] = False
-        qm = torch.ones(2, 80, dtype=torch.bool)
-        qm[0, -7:] = False
-        kw.update(key_mask=km, query_mask=qm)
+    kw = _with_masks(kw, 2, 150, 80, key_pad=13, query_pad=7)
     st_kept, st_chunked = {}, {}
     kept = compact_layer(k, v, q, 0.1, stats=st_kept, **kw)
     monkeypatch.setattr(SoftmaxWeights, "MAX_BYTES", 0)
     chunked = compact_layer(k, v, q, 0.1, stats=st_chunked, **kw)
-    assert torch.equal(kept.indices, chunked.indices) and torch.equal(kept.counts, chunked.counts)
+    _assert_same_compaction(kept, chunked, 1e-4)
     st_kept.pop("ridge_chosen"), st_chunked.pop("ridge_chosen")  # ridge 0 and 1e-6 can tie to rounding
     assert st_kept == st_chunked
-    fin = torch.isfinite(chunked.bias)
-    assert torch.equal(fin, torch.isfinite(kept.bias))
-    assert float((kept.bias[fin] - chunked.bias[fin]).abs().max()) < 1e-4
-    assert float((kept.values - chunked.values).norm() / chunked.values.norm()) < 1e-4
 
 
 @pytest.mark.parametrize("ridge", ["auto", 0.0, 1e-3])
@@ -620,13 +633,7 @@ def test_uneven_budgets_compacted_head_by_head_match_the_batched_path(monkeypatc
 
     k, v, q = _structured(B=2, Hkv=2, G=2, T=120, n=90, seed=9)
     counts = torch.tensor([[60, 6], [9, 40]])
-    kw = dict(kw)
-    if kw.pop("masks", False):
-        km = torch.ones(2, 120, dtype=torch.bool)
-        km[1, :11] = False
-        qm = torch.ones(2, 90, dtype=torch.bool)
-        qm[0, -5:] = False
-        kw.update(key_mask=km, query_mask=qm)
+    kw = _with_masks(kw, 2, 120, 90, key_pad=11, query_pad=5)
     assert core._split_by_head(counts, torch.device("cpu"))
     st_split, st_batched = {}, {}
     calls = []
@@ -637,12 +644,8 @@ def test_uneven_budgets_compacted_head_by_head_match_the_batched_path(monkeypatc
     monkeypatch.setattr(core, "SPLIT_PADDED_WORK", float("inf"))
     batched = compact_layer(k, v, q, counts, stats=st_batched, **kw)
     assert split.keys.shape == batched.keys.shape == (2, 2, 60, 16)
-    assert torch.equal(split.indices, batched.indices) and torch.equal(split.counts, batched.counts)
-    fin = torch.isfinite(batched.bias)
-    assert torch.equal(fin, torch.isfinite(split.bias))
     # (float32 products over a different padded width round differently; the NNLS carries it to 1e-3)
-    assert float((split.bias[fin] - batched.bias[fin]).abs().max()) < 2e-3
-    assert float((split.values - batched.values).norm() / batched.values.norm()) < 2e-3
+    fin = _assert_same_compaction(split, batched, 2e-3)
     assert (split.values[~fin] == 0).all() and (split.keys[~fin] == 0).all()
     for st in (st_split, st_batched):  # refill rounds count per call (per head when split); ridge ties
         st.pop("ridge_chosen"), st.pop("refill_rounds", None)
