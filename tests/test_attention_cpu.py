@@ -145,6 +145,42 @@ def test_shared_limit_call_with_kv_in_sequence_major_layout(case):
     assert torch.allclose(out, ref_out, atol=1e-6) and torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse))
 
 
+def test_row_chunks_balance_the_kernel_items_over_threads():
+    """The chunk count divides the rows, is 1 where the kernel's items already balance, and splits
+    SmolLM2's decode block (3 KV heads x 96 folded rows) on 2 threads (9 blocks of 32 split 5:4)."""
+    assert attention_cpu.row_chunks(3, 96, 2) == 2
+    assert attention_cpu.row_chunks(8, 128, 2) == 1  # Llama-8B heads: 32 blocks, 16 per thread
+    assert attention_cpu.row_chunks(3, 3, 2) == 1  # one query: no split
+    assert attention_cpu.row_chunks(3, 96, 1) == 1  # one thread: nothing to balance
+    for problems, rows, threads in [(3, 96, 16), (1, 7, 2), (2, 600, 3), (6, 40, 4)]:
+        c = attention_cpu.row_chunks(problems, rows, threads)
+        assert 1 <= c <= 16 and rows % c == 0
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 16])
+@pytest.mark.parametrize("case", ["decode-aligned", "decode-one-kv-head-dropped", "decode-mid-cache"])
+def test_row_chunked_decode_matches_reference(case, threads):
+    """The one-call path with each KV head's rows cut into chunks (K/V and bias expanded with stride
+    0) at several thread counts: same result as the float64 reference, dead heads still -inf; without
+    the lse the output is the same."""
+    q, k, v, bias, kw = _inputs(case, torch.float32, seed=5)
+    kw["prefix_len"] = int(kw["prefix_len"][0])
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        R = q.shape[1] // k.shape[1] * q.shape[2]
+        chunks = attention_cpu.row_chunks(q.shape[0] * k.shape[1], R, threads)
+        out, lse = cdlm_fast.attention(q, k, v, bias=bias, return_lse=True, **kw)
+        out_only = cdlm_fast.attention(q, k, v, bias=bias, **kw)
+    finally:
+        torch.set_num_threads(old)
+    if case == "decode-aligned" and threads in (2, 16):
+        assert chunks > 1
+    _check(out, lse, q, k, v, bias, {**kw, "prefix_len": torch.tensor([kw["prefix_len"]] * q.shape[0])},
+           torch.float32)
+    assert torch.equal(out_only, out)
+
+
 def test_fast_path_leaves_bad_arguments_to_the_checks():
     """Arguments the one-pass path does not accept still get the general path's precise errors."""
     q, k, v, bias, kw = _inputs("decode-aligned", torch.float32)

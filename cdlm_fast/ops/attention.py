@@ -84,7 +84,7 @@ _FLOATS = frozenset(V.FLOAT_DTYPES)
 _T, _F32, _F64, _INF = torch.Tensor, torch.float32, torch.float64, float("inf")
 
 
-def _cpu_decode(q, k, v, bias, prefix_len, block_size, q_offset, kv_lens, scale, backend):
+def _cpu_decode(q, k, v, bias, prefix_len, block_size, q_offset, kv_lens, scale, backend, need_lse=True):
     """The common CPU inference call (int lengths, no grad, all rows sharing one key limit, e.g. a
     decode block on the block grid), checked in one pass: ``(out, lse)``, or ``None`` when the call
     is anything else (the general path then checks it argument by argument and raises the precise
@@ -118,7 +118,7 @@ def _cpu_decode(q, k, v, bias, prefix_len, block_size, q_offset, kv_lens, scale,
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return None
-    return shared_call(q, k, v, bias, prefix_len, block_size or 0, q_offset, scale)
+    return shared_call(q, k, v, bias, prefix_len, block_size or 0, q_offset, scale, need_lse)
 
 
 def attention(
@@ -163,7 +163,7 @@ def attention(
         >>> q = torch.randn(1, 4, 8, 64); k = v = torch.randn(1, 2, 40, 64)
         >>> out = cdlm_fast.attention(q, k, v, prefix_len=32, block_size=8, q_offset=32)
     """
-    fast = _cpu_decode(q, k, v, bias, prefix_len, block_size, q_offset, kv_lens, scale, backend)
+    fast = _cpu_decode(q, k, v, bias, prefix_len, block_size, q_offset, kv_lens, scale, backend, return_lse)
     if fast is not None:
         return fast if return_lse else fast[0]
     prefix_t, kv_t = _check(q, k, v, bias, prefix_len, block_size, q_offset, kv_lens, scale)
