@@ -157,13 +157,14 @@ def test_row_chunks_balance_the_kernel_items_over_threads():
         assert 1 <= c <= 16 and rows % c == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("threads", [1, 2, 3, 16])
 @pytest.mark.parametrize("case", ["decode-aligned", "decode-one-kv-head-dropped", "decode-mid-cache"])
-def test_row_chunked_decode_matches_reference(case, threads):
+def test_row_chunked_decode_matches_reference(case, threads, dtype):
     """The one-call path with each KV head's rows cut into chunks (K/V and bias expanded with stride
     0) at several thread counts: same result as the float64 reference, dead heads still -inf; without
     the lse the output is the same."""
-    q, k, v, bias, kw = _inputs(case, torch.float32, seed=5)
+    q, k, v, bias, kw = _inputs(case, dtype, seed=5)
     kw["prefix_len"] = int(kw["prefix_len"][0])
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -177,7 +178,7 @@ def test_row_chunked_decode_matches_reference(case, threads):
     if case == "decode-aligned" and threads in (2, 16):
         assert chunks > 1
     _check(out, lse, q, k, v, bias, {**kw, "prefix_len": torch.tensor([kw["prefix_len"]] * q.shape[0])},
-           torch.float32)
+           dtype)
     assert torch.equal(out_only, out)
 
 

@@ -36,9 +36,9 @@ Rule (chosen by measurement on a 2-core x86 CPU, ``python bench/cpu_report.py``)
   :func:`cdlm_fast.attention` reaches it through :func:`shared_call` after one combined argument
   check, building no length tensor (the decode hot path). Each KV head's folded rows are cut into
   :func:`row_chunks` chunks, passed as heads over the same K/V (stride 0), when that spreads the
-  kernel's work items more evenly over the threads (SmolLM2's 3 KV heads x 96 rows on 2 threads:
-  2 chunks, 12-13% less time than one; without the lse, the check for heads that see no key is
-  skipped);
+  kernel's work items more evenly over the threads (float32 / float64; SmolLM2's 3 KV heads x 96
+  rows on 2 threads: 2 chunks, 6-13% less time than one; without the lse, the check for heads that
+  see no key is skipped);
 * causal rows (``limit_i = q_offset + i + 1``, e.g. a transformers prefill): the cached keys before
   ``q_offset`` as a common part, the last ``Lq`` keys in **one** call with the kernel's own causal
   mask (it skips the masked tiles; K/V of that band repeated to the query heads, since folded rows
@@ -273,7 +273,8 @@ def _shared(q, k, v, bias_c, lim, scale, cdt, need_lse=True):
         # that the outputs still come back in row order. One as_strided view per input (its first
         # ``lim`` keys): each op counts here.
         bh = B * Hkv
-        c = row_chunks(bh, R, torch.get_num_threads()) if _FLASH_CPU is not None and q.is_cpu else 1
+        c = (row_chunks(bh, R, torch.get_num_threads())
+             if _FLASH_CPU is not None and q.is_cpu and q.dtype in _CHUNKED_DTYPES else 1)
         qf = q.reshape(bh, R // c, c, D).transpose(1, 2)
         k = k.as_strided((bh, c, lim, D), (ks[1], 0, ks[2], ks[3]))
         v = v.as_strided((bh, c, lim, v.shape[-1]), (vs[1], 0, vs[2], vs[3]))
@@ -309,6 +310,10 @@ def _shared(q, k, v, bias_c, lim, scale, cdt, need_lse=True):
 # problem's keys once; measured: SmolLM2's 3 KV heads x 96 rows vs a 1K cache on 2 threads run
 # fastest as 2 chunks of 48 rows, 0.37 against 0.42 ms in one chunk and 0.39 ms in 6 chunks).
 ITEM_OVERHEAD_ROWS = 4
+# Row chunks only where the kernel's items are plain GEMMs: in bfloat16 / float16 it may pack K/V per
+# item (AMX), so more items cost more (measured on a Xeon with AMX, SmolLM2 bf16 vs a 2K cache:
+# 0.53 ms in 2 chunks against 0.49 ms in one).
+_CHUNKED_DTYPES = (torch.float32, torch.float64)
 
 
 @functools.lru_cache(maxsize=512)
