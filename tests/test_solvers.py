@@ -198,10 +198,12 @@ def test_nnls_iteration_cap_reports_not_converged():
 
 
 def test_nnls_gram_converged_to_the_precision_of_float32_data():
-    """Attention-mass columns with a duplicate (Attention Matching's beta fit): with G, h built in
-    float32 the system is inconsistent at their rounding level and the exact solve keeps a KKT
-    residual of about 2.6e-9 (above 10 * tol, under a tenth of float32's rounding unit: converged
-    for float32 data); the same data built in float64 reach float64 accuracy."""
+    """Attention-mass columns with a duplicate (Attention Matching's beta fit), the system built in
+    float64: solved in float64 it reaches float64 accuracy; rounded to float32 with the duplicate's
+    two right-hand sides one float32 ulp apart (the inconsistency float32 products leave; built
+    explicitly, since whether a float32 GEMM leaves it depends on the CPU's kernels), the exact
+    solve keeps a KKT residual of about 1e-8 (above 10 * tol, under a tenth of float32's rounding
+    unit): converged for float32 data."""
     g = torch.Generator().manual_seed(6)
     u = torch.ones(8) / 8 ** 0.5
     Q = torch.randn(1, 50, 8, generator=g) * 0.3 + 2 * u
@@ -209,11 +211,12 @@ def test_nnls_gram_converged_to_the_precision_of_float32_data():
     C = torch.cat([K[:, :5], -400.0 * u.view(1, 1, 8)], 1)
     C[0, 1] = C[0, 0]
     lse = torch.logsumexp(Q @ K[0].T, dim=-1)
-    res = {}
-    for dt in (torch.float64, torch.float32):
-        A = torch.exp(Q.to(dt) @ C[0].to(dt).T - lse.to(dt)[..., None])  # [1, 50, 6]
-        res[dt] = nnls_gram(A.mT @ A / 50, A.sum(1) / 50, backend="torch")
-    r64, r32 = res[torch.float64], res[torch.float32]
+    A = torch.exp(Q.double() @ C[0].double().T - lse.double()[..., None])  # [1, 50, 6]
+    G, h = A.mT @ A / 50, A.sum(1) / 50
+    r64 = nnls_gram(G, h, backend="torch")
+    h32 = h.float()
+    h32[0, 1] = torch.nextafter(h32[0, 0], torch.tensor(float("inf")))  # the duplicate's rhs, one ulp up
+    r32 = nnls_gram(G.float(), h32, backend="torch")
     assert bool(r64.converged) and float(r64.kkt_residual) <= 1e-12
     assert 1e-9 < float(r32.kkt_residual) <= 0.1 * torch.finfo(torch.float32).eps  # the rule is exercised
     assert bool(r32.converged)
