@@ -12,6 +12,7 @@ import torch
 
 from . import __version__
 from .backends import BACKENDS, OPS, cuda_extension_error, triton_available, triton_interpreted
+from .ops.attention_cpu import CPU_EXTENSION_ERROR
 
 
 def _version(module: str) -> str:
@@ -57,6 +58,7 @@ def info() -> Dict[str, object]:
         "triton_interpreter": triton_interpreted(),
         "triton_status": triton_available() or "ok",
         "cuda_extension": cuda_extension_error() or "built",
+        "cpu_extension": CPU_EXTENSION_ERROR or "built (the CPU decode call of the torch backend in C++)",
         "backends": backend_table(dev),
     }
 
@@ -71,6 +73,7 @@ def format_info(data: Dict[str, object]) -> str:
                                    f"{gpu['memory_gib']} GiB, {gpu['sm_count']} SMs)"))
     lines.append(f"{'triton interpreter':<22}{'on (TRITON_INTERPRET=1)' if data['triton_interpreter'] else 'off'}")
     lines.append(f"{'cuda extension':<22}{data['cuda_extension']}")
+    lines.append(f"{'cpu extension':<22}{data['cpu_extension']}")
     lines.append("")
     lines.append(f"{'op':<14}" + "".join(f"{b:<10}" for b in BACKENDS))
     reasons: List[str] = []

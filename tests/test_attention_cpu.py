@@ -182,6 +182,33 @@ def test_row_chunked_decode_matches_reference(case, threads, dtype):
     assert torch.equal(out_only, out)
 
 
+@pytest.mark.skipif(attention_cpu._DECODE_CPP is None, reason=f"cdlm_fast._cpu: {attention_cpu.CPU_EXTENSION_ERROR}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", ["decode-aligned", "decode-one-kv-head-dropped", "decode-mid-cache", "all-keys-dropped"])
+def test_cpp_decode_call_is_the_python_one(case, dtype, monkeypatch):
+    """The C++ decode call (csrc/cpu/decode.cpp) takes the one-call path where it is built and gives
+    bit for bit what the same path gives in Python (same kernel, same views): outputs, lse, dead heads
+    at -inf, with and without the lse, at 2 threads (2 row chunks in float32 for SmolLM2's heads)."""
+    q, k, v, bias, kw = _inputs(case, dtype, seed=7)
+    kw["prefix_len"] = int(kw["prefix_len"][0])
+    calls = []
+    cpp = attention_cpu._DECODE_CPP
+    monkeypatch.setattr(attention_cpu, "_DECODE_CPP", lambda *a: calls.append(a[6]) or cpp(*a))
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out, lse = cdlm_fast.attention(q, k, v, bias=bias, return_lse=True, **kw)
+        out_only = cdlm_fast.attention(q, k, v, bias=bias, **kw)
+        monkeypatch.setattr(attention_cpu, "_DECODE_CPP", None)
+        ref_out, ref_lse = cdlm_fast.attention(q, k, v, bias=bias, return_lse=True, **kw)
+    finally:
+        torch.set_num_threads(old)
+    assert len(calls) == 2 and (case != "decode-aligned" or dtype == torch.bfloat16 or calls[0] == 2)
+    assert out.dtype == ref_out.dtype and lse.dtype == ref_lse.dtype
+    assert torch.equal(out, ref_out) and torch.equal(out_only, ref_out) and torch.equal(lse, ref_lse)
+    _check(out, lse, q, k, v, bias, {**kw, "prefix_len": torch.tensor([kw["prefix_len"]] * q.shape[0])}, dtype)
+
+
 def test_fast_path_leaves_bad_arguments_to_the_checks():
     """Arguments the one-pass path does not accept still get the general path's precise errors."""
     q, k, v, bias, kw = _inputs("decode-aligned", torch.float32)

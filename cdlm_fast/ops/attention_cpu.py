@@ -72,6 +72,23 @@ _FLASH_CPU: Optional[Callable] = (getattr(torch, "_scaled_dot_product_flash_atte
                                   or getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None))
 
 
+def _load_decode_cpp() -> Tuple[Optional[Callable], Optional[str]]:
+    """``(cdlm_fast._cpu.decode, None)`` (csrc/cpu/decode.cpp: the row-chunked one-call path of
+    :func:`_shared` in C++), or ``(None, reason)`` where the C++ CPU extension is not built or does
+    not load (then the same call runs in Python)."""
+    try:
+        from .. import _cpu
+    except Exception as e:  # noqa: BLE001 - not built, or built against another torch
+        return None, (f"not built or not loadable ({e.__class__.__name__}: {e}); the decode call runs in Python; "
+                      "reinstall with a C++ compiler (CDLM_FAST_BUILD_CPU=1 makes a failed build an error)")
+    return _cpu.decode, None
+
+
+# After a large kernel every Python-level tensor op costs about 10 us on a 2-core CPU (cold caches),
+# so the decode call's views, kernel and dead-head check run in one C++ function where it is built.
+_DECODE_CPP, CPU_EXTENSION_ERROR = _load_decode_cpp()
+
+
 def key_limits(prefix_len: torch.Tensor, block_size: Optional[int], q_offset: int, lq: int, lk: int,
                kv_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Number of visible keys of every query, ``[B, Lq]`` int64 (see :mod:`cdlm_fast.ops.attention`).
@@ -273,8 +290,10 @@ def _shared(q, k, v, bias_c, lim, scale, cdt, need_lse=True):
         # that the outputs still come back in row order. One as_strided view per input (its first
         # ``lim`` keys): each op counts here.
         bh = B * Hkv
-        c = (row_chunks(bh, R, torch.get_num_threads())
-             if _FLASH_CPU is not None and q.is_cpu and q.dtype in _CHUNKED_DTYPES else 1)
+        cpu = _FLASH_CPU is not None and q.is_cpu
+        c = row_chunks(bh, R, torch.get_num_threads()) if cpu and q.dtype in _CHUNKED_DTYPES else 1
+        if cpu and _DECODE_CPP is not None:  # the same, in C++ (see _load_decode_cpp)
+            return _DECODE_CPP(q, k, v, bias_c, lim, scale, c, need_lse)
         qf = q.reshape(bh, R // c, c, D).transpose(1, 2)
         k = k.as_strided((bh, c, lim, D), (ks[1], 0, ks[2], ks[3]))
         v = v.as_strided((bh, c, lim, v.shape[-1]), (vs[1], 0, vs[2], vs[3]))
