@@ -364,9 +364,9 @@ def _head(layer, h):
                           layer.logical_length)
 
 
-def test_global_allocation_gives_sharp_heads_more_keys_at_the_same_total():
-    from cdlm_fast.compaction import compact_kv
-    from cdlm_fast.compaction.api import MIXED_FLOOR
+def test_global_allocation_gives_sharp_heads_more_keys_at_the_same_total(monkeypatch):
+    from cdlm_fast.compaction import api, compact_kv
+    from cdlm_fast.compaction.api import mixed_floor
     from cdlm_fast.compaction.core import allocate_counts
 
     # head 0 of each layer: every query looks at one key of its own (a copying head, all keys
@@ -389,8 +389,11 @@ def test_global_allocation_gives_sharp_heads_more_keys_at_the_same_total():
     comp = compact_kv(kv, qs, 0.25, allocation="global")
     for layer, cnt in zip(comp.layers, counts):
         assert torch.equal(layer.counts, cnt) and layer.keys.shape[2] == int(cnt.max())
-    # mixed: every head keeps at least MIXED_FLOOR of its uniform count (4 of 16), the same total
-    floor = int(MIXED_FLOOR * 16)
+    # mixed: every head keeps at least mixed_floor of its uniform count, the same total
+    floor = mixed_floor(16)
+    assert floor == 16 and mixed_floor(41) == 20 and mixed_floor(103) == 20 and mixed_floor(410) == 41
+    monkeypatch.setattr(api, "MIXED_FLOOR_MIN_KEYS", 4)  # 4 of 16 here: a floor the global top-k can exceed
+    floor = mixed_floor(16)
     mixed = compact_kv(kv, qs, 0.25, allocation="mixed")
     cm = torch.stack([layer.counts[0] for layer in mixed.layers])
     assert int(cm.sum()) == 16 * 2 * 2 and int(cm.min()) >= floor, cm
