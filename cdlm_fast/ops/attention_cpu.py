@@ -38,7 +38,8 @@ Rule (chosen by measurement on a 2-core x86 CPU, ``python bench/cpu_report.py``)
   :func:`row_chunks` chunks, passed as heads over the same K/V (stride 0), when that spreads the
   kernel's work items more evenly over the threads (float32 / float64; SmolLM2's 3 KV heads x 96
   rows on 2 threads: 2 chunks, 6-13% less time than one; without the lse, the check for heads that
-  see no key is skipped);
+  see no key is skipped). Where the C++ CPU extension is built, that call runs in one C++ function
+  (``cdlm_fast._cpu.decode``, csrc/cpu/decode.cpp) instead of a dozen Python-level ops;
 * causal rows (``limit_i = q_offset + i + 1``, e.g. a transformers prefill): the cached keys before
   ``q_offset`` as a common part, the last ``Lq`` keys in **one** call with the kernel's own causal
   mask (it skips the masked tiles; K/V of that band repeated to the query heads, since folded rows
