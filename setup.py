@@ -113,6 +113,13 @@ def _cpu_extension():
                         extra_compile_args=["-O2", "-std=c++20", "-DNDEBUG"]), None
 
 
+# extension -> (how it is made, its mode, the variable that sets the mode, what it is)
+EXTENSIONS = {
+    "cdlm_fast._C": (_cuda_extension, MODE, "CDLM_FAST_BUILD_CUDA", "the CUDA extension"),
+    "cdlm_fast._cpu": (_cpu_extension, CPU_MODE, "CDLM_FAST_BUILD_CPU", "the C++ CPU extension"),
+}
+
+
 def _build_ext():
     """A ``build_ext`` that compiles each extension once at install time; in ``auto`` mode (of that
     extension's variable) a failed build only warns and the package installs without it."""
@@ -126,15 +133,13 @@ def _build_ext():
             self.extensions = [e for e in self.extensions if e.name not in self._failed]
 
         def build_extension(self, extension):
-            cpu = extension.name == "cdlm_fast._cpu"
+            _, mode, var, what = EXTENSIONS[extension.name]
             try:
                 super().build_extension(extension)
             except Exception as e:  # noqa: BLE001 - any compiler failure
-                if (CPU_MODE if cpu else MODE) == "1":
+                if mode == "1":
                     raise
                 self._failed.add(extension.name)
-                what, var = ("the C++ CPU helpers", "CDLM_FAST_BUILD_CPU") if cpu else ("the CUDA backend",
-                                                                                    "CDLM_FAST_BUILD_CUDA")
                 print(f"WARNING: {extension.name} failed to build ({e}); installing without {what}. "
                       f"Set {var}=1 to make this an error.", file=sys.stderr)
 
@@ -142,8 +147,7 @@ def _build_ext():
 
 
 ext_modules, cmdclass = [], {}
-for _make, _mode, _var, _what in ((_cuda_extension, MODE, "CDLM_FAST_BUILD_CUDA", "the CUDA extension"),
-                                  (_cpu_extension, CPU_MODE, "CDLM_FAST_BUILD_CPU", "the C++ CPU extension")):
+for _make, _mode, _var, _what in EXTENSIONS.values():
     _ext, _reason = _make()
     if _ext is not None:
         ext_modules.append(_ext)

@@ -208,8 +208,9 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: Union[float, S
             repeated). instruction: override the instruction text.
         ridge: relative ridge of the value fit, or ``"auto"`` (per head, by held-out error).
         allocation: ``"mixed"`` (default: every head keeps at least 10% of ``T / ratio`` keys and
-            at least 20 (:func:`mixed_floor`), and the rest of the same total is spread over the full-attention layers' heads by a
-            global top-k of the keys' maximum attention from the fit queries; see
+            at least 20 (:func:`mixed_floor`), and the rest of the same total is spread over the
+            full-attention layers' heads by a global top-k of the keys' maximum attention from the
+            fit queries; see
             :func:`cdlm_fast.compaction.core.allocate_counts`), ``"global"`` (all of the total
             by that top-k) or ``"uniform"`` (every head keeps ``T / ratio`` keys). Heads are
             padded to the largest count of their layer (``report.stats`` gives usable and stored

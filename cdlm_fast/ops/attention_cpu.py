@@ -37,7 +37,7 @@ Rule (chosen by measurement on a 2-core x86 CPU, ``python bench/cpu_report.py``)
   check, building no length tensor (the decode hot path). Each KV head's folded rows are cut into
   :func:`row_chunks` chunks, passed as heads over the same K/V (stride 0), when that spreads the
   kernel's work items more evenly over the threads (float32 / float64; SmolLM2's 3 KV heads x 96
-  rows on 2 threads: 2 chunks, 6-13% less time than one; without the lse, the check for heads that
+  rows on 2 threads: 2 chunks, 3-13% less time than one; without the lse, the check for heads that
   see no key is skipped). Where the C++ CPU extension is built, that call runs in one C++ function
   (``cdlm_fast._cpu.decode``, csrc/cpu/decode.cpp) instead of a dozen Python-level ops;
 * causal rows (``limit_i = q_offset + i + 1``, e.g. a transformers prefill): the cached keys before
@@ -269,7 +269,7 @@ def _shared(q, k, v, bias_c, lim, scale, cdt, need_lse=True):
     one kernel call, the ``G`` query heads of a KV head folded into its rows (K/V read once per KV
     head), the ``B * Hkv`` KV heads passed as a batch of one-head problems where the strides allow
     (then the kernel's lse is already in ``[B, Hq, Lq]`` order; with :func:`row_chunks` > 1 the rows
-    are that many heads over the same K/V, and out and lse are copied back) and the bias read as a view
+    are that many interleaved heads over the same K/V, so out and lse stay views) and the bias read as a view
     broadcast over the rows: no tensor is built besides the outputs. Heads whose bias is ``-inf``
     on every key get ``lse = -inf`` (the kernel gives them zeros and ``lse = 0``, so the bias is
     scanned only when some ``lse == 0``).
