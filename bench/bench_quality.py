@@ -44,6 +44,7 @@ AM_VARIANTS = {
     "am_omp_fast": {"method": "omp_fast"},
     "am_global": {"allocation": "global"},
     "am_global_window": {"allocation": "global", "sinks": 4, "window": 0.1},
+    "am_spread": {"allocation": "spread", "window": 0},
 }
 # KVzip+ (``--presses ...,KVzip+``) is left out: its normalisation holds more than 23 GB at a 2K
 # context with SmolLM2 on the CPU (killed for memory on a 24 GB machine), and a killed runner loses

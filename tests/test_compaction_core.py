@@ -674,3 +674,60 @@ def test_max_softmax_weights_match_the_max_scores():
     assert float((got[:2].double() - A.amax(1))[live].abs().max()) < 1e-6
     assert (got[:, 3:6] == -1).all() and (got[2] == -1).all()
     assert torch.isfinite(got).all()
+
+
+def test_attention_spread_matches_the_participation_ratio_on_both_paths():
+    # 1 / sum_j a_ij^2 per query, from the blocked softmax (CPU path of allocate_counts) and from the
+    # log-masses (generic path); NaN for excluded queries and for a problem whose keys are all masked
+    from cdlm_fast.compaction.select import attention_spread, max_softmax_weights
+
+    g = torch.Generator().manual_seed(21)
+    P, N, T, D = 3, 70, 45, 16
+    Q, K = torch.randn(P, N, D, generator=g) * 2, torch.randn(P, T, D, generator=g)
+    Q[0, :5] = 0.0  # uniform queries: spread T (minus the 3 masked keys)
+    bias = torch.zeros(P, T)
+    bias[:, 3:6] = float("-inf")
+    bias[2] = float("-inf")
+    qw = (torch.rand(P, N, generator=g) > 0.3).float()
+    qw[0, :5] = 1.0
+    S = 0.3 * Q.double() @ K.double().mT + bias.double()[:, None]
+    ref = 1.0 / torch.softmax(S[:2], -1).square().sum(-1)
+    lse = torch.logsumexp(S, -1).float()
+    mx, blocked = max_softmax_weights(Q, K, 0.3, bias, qw, rows=16, with_spread=True)
+    assert torch.equal(mx, max_softmax_weights(Q, K, 0.3, bias, qw, rows=16))
+    chunked = attention_spread(Q, K, lse, 0.3, bias, qw)
+    keep = qw[:2] > 0
+    for got in (blocked, chunked):
+        assert float(((got[:2].double() - ref) / ref)[keep].abs().max()) < 1e-5
+        assert torch.isnan(got[:2][~keep]).all() and torch.isnan(got[2]).all()
+    assert float((blocked[0, :5] - (T - 3)).abs().max()) < 1e-3
+
+
+def test_spread_allocation_floors_diffuse_heads_and_keeps_the_total(monkeypatch):
+    from cdlm_fast.compaction import api, compact_kv
+    from cdlm_fast.compaction.core import allocate_counts
+
+    # per layer: head 0 copies (every query reads one key of its own: spread 1), head 1 is diffuse
+    # (every query spreads over most keys)
+    g = torch.Generator().manual_seed(18)
+    T, D = 64, 16
+    kv, qs = [], {}
+    for layer in range(3):
+        k = torch.randn(1, 2, T, D, generator=g)
+        k[0, 0] = k[0, 0] / k[0, 0].norm(dim=-1, keepdim=True) * 6
+        k[0, 1] *= 0.05
+        q = torch.randn(1, 2, T, D, generator=g) * 0.2
+        q[0, 0] = k[0, 0] * 2
+        kv.append((k, torch.randn(1, 2, T, D, generator=g)))
+        qs[layer] = q
+    plain = torch.stack([c[0] for c in allocate_counts(kv, qs, 0.25)])
+    spread = torch.stack([c[0] for c in allocate_counts(kv, qs, 0.25, spread_floor=6)])
+    assert int(spread.sum()) == int(plain.sum()) == 16 * 2 * 3
+    assert bool((plain[:, 1] < 6).all()), plain  # the global top-k alone starves the diffuse heads
+    assert bool((spread[:, 1] == 6).all()), spread  # a diffuse head's spread is above the cap of 6
+    assert bool((spread[:, 0] > spread[:, 1]).all()), spread  # the copying heads still get the most
+    monkeypatch.setattr(api, "SPREAD_FLOOR_MAX", 6)
+    comp = compact_kv(kv, qs, 0.25, allocation="spread", window=0)
+    assert torch.equal(torch.stack([layer.counts[0] for layer in comp.layers]), spread)
+    with pytest.raises(ValueError, match="spread_floor"):
+        allocate_counts(kv, qs, 0.125, spread_floor=0)

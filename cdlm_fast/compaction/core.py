@@ -39,9 +39,8 @@ from .. import _validate as V
 from ..ops.attention import attention
 from .fit import MassGram, compacted_lse, fit_beta, fit_values
 from .refine import refine
-from .select import (SoftmaxWeights, _gather_keys, forced_keys, highest_attention_scores, max_softmax_weights,
-                     omp_select,
-                     refill_slots, residual_gain, sort_slots, top_keys)
+from .select import (SoftmaxWeights, _gather_keys, attention_spread, forced_keys, highest_attention_scores,
+                     max_softmax_weights, omp_select, refill_slots, residual_gain, sort_slots, top_keys)
 from .types import CompactedLayer
 
 __all__ = ["METHODS", "resolve_counts", "compact_layer", "reference_outputs", "allocate_counts"]
@@ -91,7 +90,7 @@ def resolve_counts(budget: Budget, B: int, Hkv: int, T: int, device) -> torch.Te
 
 @torch.no_grad()
 def allocate_counts(kv, queries, budget: float, *, scale: Optional[float] = None, aggregate: str = "max",
-                    min_keys: int = 1, backend: str = "auto") -> list:
+                    min_keys: int = 1, spread_floor: Optional[int] = None, backend: str = "auto") -> list:
     """Non-uniform per-head budgets at the same total: a global top-k over layers and heads.
 
     Every key of every (layer, KV head) is scored by the softmax weight the reference queries give
@@ -105,6 +104,12 @@ def allocate_counts(kv, queries, budget: float, *, scale: Optional[float] = None
         queries: layer index -> ``[B, Hq, n, D]`` reference queries (same keys as ``kv``'s indices).
         budget: fraction of keys kept on average, in ``(0, 1]``.
         min_keys: floor of every head's count (its best keys are taken first, inside the total).
+        spread_floor: if given, a head's floor is instead the median over its reference queries of
+            the number of keys a query effectively attends (participation ratio ``1 / sum_j a_j^2``,
+            :func:`cdlm_fast.compaction.select.attention_spread`), rounded and clamped to
+            ``[min_keys, spread_floor]``: a diffuse head (early layers) keeps up to
+            ``spread_floor`` keys, a head whose queries each read one key (sinks, copying) only
+            ``min_keys``, and the global top-k gets the rest.
 
     Returns:
         list over layers of ``[B, Hkv]`` int64 counts (each in ``[min_keys, T]``).
@@ -113,22 +118,36 @@ def allocate_counts(kv, queries, budget: float, *, scale: Optional[float] = None
         raise ValueError(f"budget must be a float fraction in (0, 1], got {budget!r}")
     if aggregate not in AGGREGATES:
         raise ValueError(f"aggregate must be one of {AGGREGATES}, got {aggregate!r}")
+    if spread_floor is not None and (isinstance(spread_floor, bool) or not isinstance(spread_floor, int)
+                                     or spread_floor < 1):
+        raise ValueError(f"spread_floor must be None or an int >= 1, got {spread_floor!r}")
     scores = []
+    lo = max(int(min_keys), 1)
     for i, (k, v) in enumerate(kv):
         B, Hkv, T, D = k.shape
         sc = D ** -0.5 if scale is None else float(scale)
         Qp = _to_problems(queries[i].float(), Hkv)
+        Kp = k.reshape(B * Hkv, T, D)
+        spread = None
         if aggregate == "max" and k.device.type == "cpu" and backend in ("auto", "torch"):
-            s_ = max_softmax_weights(Qp, k.reshape(B * Hkv, T, D), sc)  # no log-masses needed
+            s_ = max_softmax_weights(Qp, Kp, sc, with_spread=spread_floor is not None)  # no log-masses needed
+            if spread_floor is not None:
+                s_, spread = s_
         else:
             _, lse = reference_outputs(k, v, queries[i], scale=sc, backend=backend)
             lsep = _to_problems(lse, Hkv)
             qw = torch.isfinite(lsep)
             lsep = torch.where(qw, lsep, torch.full_like(lsep, 1e30))
-            s_ = highest_attention_scores(Qp, k.reshape(B * Hkv, T, D), lsep, sc, reduce=aggregate,
-                                          query_weight=qw.float())
-        floor = s_.topk(min(max(int(min_keys), 1), T), dim=1).indices  # every head keeps its best min_keys
-        s_ = s_.scatter(1, floor, float("inf"))
+            s_ = highest_attention_scores(Qp, Kp, lsep, sc, reduce=aggregate, query_weight=qw.float())
+            if spread_floor is not None:
+                spread = attention_spread(Qp, Kp, lsep, sc, query_weight=qw.float())
+        floors = torch.full((B * Hkv,), min(lo, T), dtype=torch.int64, device=k.device)
+        if spread is not None:
+            med = spread.nanmedian(1).values.nan_to_num(float(lo))
+            floors = med.round().clamp(lo, max(lo, spread_floor)).long().clamp(max=T)
+        # every head keeps its best floors[h] keys (ranked first by an infinite score)
+        rank = s_.argsort(1, descending=True).argsort(1)
+        s_ = s_.masked_fill(rank < floors[:, None], float("inf"))
         scores.append(s_.reshape(B, Hkv * T))
     B, L = scores[0].shape[0], len(kv)
     T = kv[0][0].shape[2]

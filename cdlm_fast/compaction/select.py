@@ -21,7 +21,7 @@ import torch
 from ..ops.gram import exp_gram
 from ..ops.solvers import nnls_gram
 
-__all__ = ["softmax_weight_chunks", "highest_attention_scores", "max_softmax_weights", "softmax_blocks", "top_keys", "omp_select", "forced_keys",
+__all__ = ["softmax_weight_chunks", "highest_attention_scores", "max_softmax_weights", "attention_spread", "softmax_blocks", "top_keys", "omp_select", "forced_keys",
            "refill_slots", "residual_gain", "sort_slots", "SoftmaxWeights"]
 
 
@@ -156,16 +156,27 @@ def softmax_blocks(Qf, Kt, kb, scale, rows, out=None):
             yield p, i0, i1, a, m
 
 
-def max_softmax_weights(Q, K, scale, key_bias=None, query_weight=None, rows: int = 256) -> torch.Tensor:
+def max_softmax_weights(Q, K, scale, key_bias=None, query_weight=None, rows: int = 256, *,
+                        with_spread: bool = False):
     """``[P, T]``: every key's largest softmax weight over the queries of ``query_weight`` > 0 (all by
     default), ``-1`` for keys with ``key_bias = -inf`` -- :func:`highest_attention_scores` with
     ``reduce="max"``, computed by blocks of ``rows`` queries without the log-masses (one GEMM and one
-    row softmax per block; the CPU path of :func:`cdlm_fast.compaction.allocate_counts`)."""
+    row softmax per block; the CPU path of :func:`cdlm_fast.compaction.allocate_counts`).
+
+    With ``with_spread``, returns ``(max_weights, spread)``: ``spread`` ``[P, N]`` float32 every
+    query's participation ratio ``1 / sum_j a_ij^2`` (the number of keys it effectively attends: 1
+    for a query on one key, ``T`` for a uniform one; NaN for queries left out by ``query_weight`` or
+    that see no key), from the same blocks (see :func:`attention_spread`)."""
     P, N, _ = Q.shape
     kb = None if key_bias is None else key_bias.float()[:, None, :]
     out = torch.zeros(P, K.shape[1], dtype=torch.float32, device=Q.device)
+    spread = torch.full((P, N), float("nan"), dtype=torch.float32, device=Q.device) if with_spread else None
     for p, i0, i1, a, m in softmax_blocks(Q.float(), K.float().transpose(1, 2), kb, scale, rows):
         keep = torch.isfinite(m)
+        if with_spread:
+            ok = keep if query_weight is None else keep & (query_weight[p, i0:i1] > 0)
+            sq = torch.linalg.vector_norm(a.nan_to_num(0.0), dim=-1).square()
+            spread[p, i0:i1] = torch.where(ok & (sq > 0), 1.0 / sq, torch.full_like(sq, float("nan")))
         if query_weight is not None:
             keep = keep & (query_weight[p, i0:i1] > 0)
         if not bool(keep.all()):
@@ -174,7 +185,22 @@ def max_softmax_weights(Q, K, scale, key_bias=None, query_weight=None, rows: int
             torch.maximum(out[p], a.amax(0), out=out[p])
     if key_bias is not None:
         out = out.masked_fill(torch.isneginf(key_bias), -1.0)
-    return out
+    return (out, spread) if with_spread else out
+
+
+def attention_spread(Q, K, lse, scale, key_bias=None, query_weight=None) -> torch.Tensor:
+    """``[P, N]`` float32: every query's participation ratio ``1 / sum_j a_ij^2`` over the keys (the
+    number of keys it effectively attends), from its log-mass ``lse`` ``[P, N]`` (chunks of
+    ``exp(2 (scale q.k - lse))``, no ``[P, N, T]`` matrix); NaN for queries with ``query_weight`` 0
+    or a non-finite ``lse``. ``Q`` ``[P, N, D]``, ``K`` ``[P, T, D]``, ``key_bias`` ``[P, T]``."""
+    ok = torch.isfinite(lse)
+    if query_weight is not None:
+        ok = ok & (query_weight > 0)
+    safe = torch.where(ok, lse, torch.full_like(lse, 1e30))
+    sq = torch.zeros(Q.shape[:2], dtype=torch.float32, device=Q.device)
+    for _, A in softmax_weight_chunks(Q.float(), K, safe, scale, key_bias, budget_elems=1 << 22, power=2):
+        sq += A.sum(-1)
+    return torch.where(ok & (sq > 0), 1.0 / sq, torch.full_like(sq, float("nan")))
 
 
 def softmax_rows_(x: torch.Tensor) -> torch.Tensor:
