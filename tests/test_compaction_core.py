@@ -726,6 +726,9 @@ def test_spread_allocation_floors_diffuse_heads_and_keeps_the_total(monkeypatch)
     assert bool((plain[:, 1] < 6).all()), plain  # the global top-k alone starves the diffuse heads
     assert bool((spread[:, 1] == 6).all()), spread  # a diffuse head's spread is above the cap of 6
     assert bool((spread[:, 0] > spread[:, 1]).all()), spread  # the copying heads still get the most
+    # the path through the log-masses (other aggregates, GPUs) takes the same floors
+    rms = torch.stack([c[0] for c in allocate_counts(kv, qs, 0.25, aggregate="rms", spread_floor=6)])
+    assert int(rms.sum()) == 16 * 2 * 3 and bool((rms[:, 1] >= 6).all()), rms
     monkeypatch.setattr(api, "SPREAD_FLOOR_MAX", 6)
     comp = compact_kv(kv, qs, 0.25, allocation="spread", window=0)
     assert torch.equal(torch.stack([layer.counts[0] for layer in comp.layers]), spread)
