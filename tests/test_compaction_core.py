@@ -364,24 +364,29 @@ def _head(layer, h):
                           layer.logical_length)
 
 
+def _copying_and_diffuse_heads(layers: int, diffuse: float, T: int = 64, D: int = 16):
+    """``(kv, queries)`` of ``layers`` layers with two KV heads: in head 0 every query looks at one key of
+    its own (a copying head, all keys needed; spread 1), in head 1 keys scaled by ``diffuse`` make the
+    attention diffuse (a few keys summarise it; spread near ``T`` for a small ``diffuse``)."""
+    g = torch.Generator().manual_seed(18)
+    kv, qs = [], {}
+    for layer in range(layers):
+        k = torch.randn(1, 2, T, D, generator=g)
+        k[0, 0] = k[0, 0] / k[0, 0].norm(dim=-1, keepdim=True) * 6
+        k[0, 1] *= diffuse
+        q = torch.randn(1, 2, T, D, generator=g) * 0.2
+        q[0, 0] = k[0, 0] * 2  # query i copies key i
+        kv.append((k, torch.randn(1, 2, T, D, generator=g)))
+        qs[layer] = q
+    return kv, qs
+
+
 def test_global_allocation_gives_sharp_heads_more_keys_at_the_same_total(monkeypatch):
     from cdlm_fast.compaction import api, compact_kv
     from cdlm_fast.compaction.api import mixed_floor
     from cdlm_fast.compaction.core import allocate_counts
 
-    # head 0 of each layer: every query looks at one key of its own (a copying head, all keys
-    # needed); head 1: diffuse attention (a few keys summarise it)
-    g = torch.Generator().manual_seed(18)
-    T, D = 64, 16
-    kv, qs = [], {}
-    for layer in range(2):
-        k = torch.randn(1, 2, T, D, generator=g)
-        k[0, 0] = k[0, 0] / k[0, 0].norm(dim=-1, keepdim=True) * 6
-        k[0, 1] *= 0.2
-        q = torch.randn(1, 2, T, D, generator=g) * 0.2
-        q[0, 0] = k[0, 0] * 2  # query i copies key i
-        kv.append((k, torch.randn(1, 2, T, D, generator=g)))
-        qs[layer] = q
+    kv, qs = _copying_and_diffuse_heads(2, 0.2)
     counts = allocate_counts(kv, qs, 0.25)
     c = torch.stack([x[0] for x in counts])  # [L, Hkv]
     assert int(c.sum()) == 16 * 2 * 2
@@ -707,19 +712,7 @@ def test_spread_allocation_floors_diffuse_heads_and_keeps_the_total(monkeypatch)
     from cdlm_fast.compaction import api, compact_kv
     from cdlm_fast.compaction.core import allocate_counts
 
-    # per layer: head 0 copies (every query reads one key of its own: spread 1), head 1 is diffuse
-    # (every query spreads over most keys)
-    g = torch.Generator().manual_seed(18)
-    T, D = 64, 16
-    kv, qs = [], {}
-    for layer in range(3):
-        k = torch.randn(1, 2, T, D, generator=g)
-        k[0, 0] = k[0, 0] / k[0, 0].norm(dim=-1, keepdim=True) * 6
-        k[0, 1] *= 0.05
-        q = torch.randn(1, 2, T, D, generator=g) * 0.2
-        q[0, 0] = k[0, 0] * 2
-        kv.append((k, torch.randn(1, 2, T, D, generator=g)))
-        qs[layer] = q
+    kv, qs = _copying_and_diffuse_heads(3, 0.05)
     plain = torch.stack([c[0] for c in allocate_counts(kv, qs, 0.25)])
     spread = torch.stack([c[0] for c in allocate_counts(kv, qs, 0.25, spread_floor=6)])
     assert int(spread.sum()) == int(plain.sum()) == 16 * 2 * 3

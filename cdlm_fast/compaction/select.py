@@ -173,12 +173,11 @@ def max_softmax_weights(Q, K, scale, key_bias=None, query_weight=None, rows: int
     spread = torch.full((P, N), float("nan"), dtype=torch.float32, device=Q.device) if with_spread else None
     for p, i0, i1, a, m in softmax_blocks(Q.float(), K.float().transpose(1, 2), kb, scale, rows):
         keep = torch.isfinite(m)
-        if with_spread:
-            ok = keep if query_weight is None else keep & (query_weight[p, i0:i1] > 0)
-            sq = torch.linalg.vector_norm(a.nan_to_num(0.0), dim=-1).square()
-            spread[p, i0:i1] = torch.where(ok & (sq > 0), 1.0 / sq, torch.full_like(sq, float("nan")))
         if query_weight is not None:
             keep = keep & (query_weight[p, i0:i1] > 0)
+        if with_spread:  # a row that sees no key is NaN here and left out by keep
+            sq = torch.linalg.vector_norm(a, dim=-1).square()
+            spread[p, i0:i1] = torch.where(keep & (sq > 0), 1.0 / sq, torch.full_like(sq, float("nan")))
         if not bool(keep.all()):
             a = a[keep]
         if a.shape[0]:
