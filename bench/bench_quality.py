@@ -96,7 +96,7 @@ def run_package(model, tok, texts, ratios, variants, max_queries: Optional[int])
     """NLL and compression seconds of this package's methods and baselines."""
     from cdlm_fast.compaction import CompactedCache, CompactedLayer, compact_kv, keep_highest_attention, keep_recent
     from cdlm_fast.compaction.quality import continuation_nll
-    from cdlm_fast.compaction.queries import instruction_ids, prefill_with_queries, subsample
+    from cdlm_fast.compaction.queries import instruction_ids, prefill_with_queries, repeat_copy_targets, subsample_index
 
     scale = next(float(m.scaling) for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "layer_idx"))
     out: Dict = {}
@@ -105,7 +105,9 @@ def run_package(model, tok, texts, ratios, variants, max_queries: Optional[int])
         t0 = time.perf_counter()
         kv, qs, _ = prefill_with_queries(model, ctx, "repeat", instruction_ids(tok))
         gen = torch.Generator().manual_seed(0)
-        qs = {i: subsample(q, max_queries, gen)[0] for i, q in qs.items()}
+        fit = {i: subsample_index(q.shape[2], max_queries, gen)[0] for i, q in qs.items()}
+        qs = {i: q[:, :, fit[i]] for i, q in qs.items()}
+        targets = {i: repeat_copy_targets(T, fit[i]) for i in qs}  # what compact_model_cache passes
         res = out.setdefault(name, {"prefill_seconds": time.perf_counter() - t0})
         full = CompactedCache([CompactedLayer(k, v, torch.zeros(k.shape[:3]), T) for k, v in kv], T)
         res["full"] = continuation_nll(model, full, cont, mask)
@@ -115,7 +117,7 @@ def run_package(model, tok, texts, ratios, variants, max_queries: Optional[int])
                 kw = dict(kw)
                 method = kw.pop("method", "highest_attention")
                 t1 = time.perf_counter()
-                cc = compact_kv(kv, qs, b, method, scale=scale, **kw)
+                cc = compact_kv(kv, qs, b, method, scale=scale, copy_targets=targets, **kw)
                 dt = time.perf_counter() - t1
                 res.setdefault(vname, {})[str(r)] = {"nll": continuation_nll(model, cc, cont, mask), "seconds": dt}
             t1 = time.perf_counter()

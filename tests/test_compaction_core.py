@@ -727,3 +727,106 @@ def test_spread_allocation_floors_diffuse_heads_and_keeps_the_total(monkeypatch)
     assert torch.equal(torch.stack([layer.counts[0] for layer in comp.layers]), spread)
     with pytest.raises(ValueError, match="spread_floor"):
         allocate_counts(kv, qs, 0.125, spread_floor=0)
+
+
+def test_copy_weights_match_a_float64_softmax_on_both_paths():
+    # every query's softmax weight on its target key: from the log-masses (copy_weights) and from the
+    # blocked softmax of max_softmax_weights; 0 for queries without a target, left out by
+    # query_weight, or in a problem whose keys are all masked
+    from cdlm_fast.compaction.select import copy_weights, max_softmax_weights
+
+    g = torch.Generator().manual_seed(31)
+    P, N, T, D = 3, 70, 45, 16
+    Q, K = torch.randn(P, N, D, generator=g) * 2, torch.randn(P, T, D, generator=g)
+    bias = torch.zeros(P, T)
+    bias[:, 3:6] = float("-inf")
+    bias[2] = float("-inf")
+    tgt = torch.randint(0, T, (P, N), generator=g)
+    tgt[:, ::7] = -1
+    tgt[0, 1] = 4  # a masked target: weight 0
+    S = 0.3 * Q.double() @ K.double().mT + bias.double()[:, None]
+    A = torch.softmax(S, -1).nan_to_num(0.0)
+    ref = torch.where(tgt >= 0, A.gather(2, tgt.clamp(min=0)[..., None])[..., 0], torch.zeros_like(tgt, dtype=A.dtype))
+    lse = torch.logsumexp(S, -1).float()
+    chunked = copy_weights(Q, K, lse, 0.3, tgt, bias)
+    qw = torch.ones(P, N)
+    qw[1, 10:20] = 0.0
+    mx, spread, blocked = max_softmax_weights(Q, K, 0.3, bias, qw, rows=16, copy_targets=tgt)
+    assert spread is None and torch.equal(mx, max_softmax_weights(Q, K, 0.3, bias, qw, rows=16))
+    assert float((chunked.double() - ref).abs().max()) < 1e-5 and torch.isfinite(chunked).all()
+    ref_b = ref * qw.double()
+    assert float((blocked.double() - ref_b).abs().max()) < 1e-5 and torch.isfinite(blocked).all()
+    assert float(ref[:2][tgt[:2] >= 0].max()) > 0.5 and (blocked[2] == 0).all() and blocked[0, 1] == 0
+    _, spread2, _ = max_softmax_weights(Q, K, 0.3, bias, qw, rows=16, copy_targets=tgt, with_spread=True)
+    torch.testing.assert_close(spread2, max_softmax_weights(Q, K, 0.3, bias, qw, rows=16, with_spread=True)[1],
+                               rtol=0, atol=0, equal_nan=True)
+
+
+def _induction_and_sharp_heads(T: int = 64, copy_weight: float = 0.4):
+    """One layer, two KV heads, one-hot keys: in head 0 query ``i`` puts ``copy_weight`` on key ``i+1``
+    (an induction head reading the repeated context: every key read once, moderately); in head 1
+    ten queries each read one of keys 0-9 with weight 0.95 and the others one of keys 10-63 with 0.5
+    (a sharper head whose every key outscores the induction head's)."""
+    D = T
+    K = torch.eye(T)[None, None].repeat(1, 2, 1, 1) * 4.0
+
+    def logit(w):  # the target logit giving weight w against T - 1 zero logits
+        return math.log(w * (T - 1) / (1 - w))
+
+    q = torch.zeros(1, 2, T, D)
+    for i in range(T - 1):
+        q[0, 0, i, i + 1] = logit(copy_weight) / 4.0
+    for i in range(T):
+        q[0, 1, i, i] = logit(0.95 if i < 10 else 0.5) / 4.0
+    v = torch.randn(1, 2, T, D, generator=torch.Generator().manual_seed(3))
+    targets = torch.cat([torch.arange(1, T), torch.tensor([-1])])
+    return [(K, v)], {0: q}, targets
+
+
+def test_allocate_counts_gives_a_copying_head_the_keys_it_copies():
+    from cdlm_fast.compaction.core import allocate_counts
+    from cdlm_fast.compaction.queries import repeat_copy_targets
+
+    kv, qs, targets = _induction_and_sharp_heads()
+    assert torch.equal(targets, repeat_copy_targets(64))
+    plain = allocate_counts(kv, qs, 0.25, scale=1.0)[0][0]
+    lifted = allocate_counts(kv, qs, 0.25, scale=1.0, copy_targets={0: targets})[0][0]
+    assert int(plain.sum()) == int(lifted.sum()) == 32
+    # top-k alone: head 1's 0.95 and 0.5 keys take every slot but the floor of head 0
+    assert plain.tolist() == [1, 31], plain
+    # head 0 copies ~0.4 * 64 = 25.6 keys: lifted (0.4 ** 0.36 = 0.72 > 0.5) it wins every slot left
+    # after head 1's ten sharp keys
+    assert lifted.tolist() == [22, 10], lifted
+    # GQA: two query heads per KV head, the second of head 0's group not copying (uniform queries):
+    # a group's copy count is its largest, so the counts are the same
+    q = qs[0]
+    gqa = {0: torch.stack([q[:, 0], torch.zeros_like(q[:, 0]), q[:, 1], q[:, 1]], 1)}
+    assert allocate_counts(kv, gqa, 0.25, scale=1.0, copy_targets={0: targets})[0][0].tolist() == [22, 10]
+    # the generic path (log-masses: other aggregates, GPUs) computes the same copy counts
+    rms = allocate_counts(kv, qs, 0.25, scale=1.0, aggregate="rms", copy_targets={0: targets})[0][0]
+    assert int(rms.sum()) == 32 and int(rms[0]) >= 20, rms
+    # a head that already holds its copy count is not lifted: the counts are unchanged
+    roomy = allocate_counts(kv, qs, 0.75, scale=1.0)[0][0]
+    assert int(roomy[0]) >= 26 and torch.equal(roomy, allocate_counts(kv, qs, 0.75, scale=1.0,
+                                                                          copy_targets={0: targets})[0][0])
+
+
+def test_copy_targets_are_checked():
+    from cdlm_fast.compaction import compact_kv
+    from cdlm_fast.compaction.core import allocate_counts
+
+    kv, qs, targets = _induction_and_sharp_heads()
+    with pytest.raises(ValueError, match=r"copy_targets must be int64 tensors of shape \[n=64\]"):
+        allocate_counts(kv, qs, 0.25, copy_targets={0: targets[:10]})
+    with pytest.raises(ValueError, match="copy_targets must be int64"):
+        allocate_counts(kv, qs, 0.25, copy_targets={0: targets.float()})
+    with pytest.raises(ValueError, match=r"copy_targets must lie in \[-1, T=64\)"):
+        allocate_counts(kv, qs, 0.25, copy_targets={0: targets + 1})
+    with pytest.raises(ValueError, match=r"no entry for layers \[0\]"):
+        compact_kv(kv, qs, 0.25, copy_targets={1: targets})
+    with pytest.raises(TypeError, match="copy_targets must be None, an int64 tensor or a dict"):
+        compact_kv(kv, qs, 0.25, copy_targets=targets.tolist())
+    # a tensor serves every layer, as the dict does
+    a = compact_kv(kv, qs, 0.25, scale=1.0, copy_targets=targets)
+    b = compact_kv(kv, qs, 0.25, scale=1.0, copy_targets={0: targets})
+    assert torch.equal(a.layers[0].counts, b.layers[0].counts)

@@ -227,6 +227,53 @@ def test_compact_model_cache_end_to_end(queries):
     assert out.shape == (1, 65)
 
 
+@pytest.mark.parametrize("queries", ["repeat", "on_policy", "context"])
+def test_compact_model_cache_passes_copy_targets_of_the_repeat_queries(queries, monkeypatch):
+    # the budgets see, for every fit query of the repeated context, the key it copies next (query j
+    # repeats token j: key j + 1); the context's own queries copy nothing
+    from cdlm_fast.compaction import api
+    from cdlm_fast.compaction.queries import repeat_copy_targets, subsample_index
+
+    seen = {}
+    real = api.allocate_counts
+
+    def spy(kv, qs, budget, **kw):
+        seen["targets"], seen["n"] = kw.get("copy_targets"), {i: q.shape[2] for i, q in qs.items()}
+        return real(kv, qs, budget, **kw)
+
+    monkeypatch.setattr(api, "allocate_counts", spy)
+    model = tiny_model("llama")
+    ids = torch.randint(0, 101, (1, 40))
+    compact_model_cache(model, ids, ratio=4, queries=queries, max_queries=25, holdout=8, progress=False)
+    if queries == "context":
+        assert seen["targets"] is None
+        return
+    g = torch.Generator().manual_seed(0)  # the same draws as compact_model_cache's seed 0
+    for i in range(2):
+        idx, _ = subsample_index(40, 25, g, 0)
+        assert seen["n"][i] == 25 and torch.equal(seen["targets"][i], repeat_copy_targets(40, idx))
+        assert torch.equal(seen["targets"][i], torch.where(idx < 39, idx + 1, -1))
+
+
+def test_repeat_copy_targets_and_subsample_index():
+    from cdlm_fast.compaction.queries import repeat_copy_targets, subsample, subsample_index
+
+    assert repeat_copy_targets(4).tolist() == [1, 2, 3, -1]
+    assert repeat_copy_targets(3, offset=2).tolist() == [-1, -1, 1, 2, -1]  # instruction queries first
+    assert repeat_copy_targets(5, torch.tensor([4, 0, 2])).tolist() == [-1, 1, 3]
+    for bad, match in (({"T": 0}, "T must be an int >= 1"), ({"T": 4, "offset": -1}, "offset must be"),
+                       ({"T": 4, "index": torch.tensor([4])}, r"index must lie in \[0, offset \+ T = 4\)"),
+                       ({"T": 4, "index": torch.tensor([0.5])}, "index must be a 1-D integer tensor")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            repeat_copy_targets(**bad)
+    q = torch.randn(1, 2, 30, 4)
+    fit, held = subsample(q, 12, torch.Generator().manual_seed(3), holdout=5)
+    i_fit, i_held = subsample_index(30, 12, torch.Generator().manual_seed(3), holdout=5)
+    assert i_fit.shape == (12,) and i_held.shape == (5,) and bool((i_fit[1:] > i_fit[:-1]).all())
+    assert torch.equal(fit, q[:, :, i_fit]) and torch.equal(held, q[:, :, i_held])
+    assert not set(i_fit.tolist()) & set(i_held.tolist())
+
+
 def test_compact_model_cache_bad_args():
     model = tiny_model("llama")
     ids = torch.randint(0, 101, (1, 20))

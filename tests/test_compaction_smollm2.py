@@ -102,5 +102,5 @@ def test_cdlm_first_block_after_5x_compacted_prompt_on_smollm2(smollm2):
         return float(torch.linalg.vector_norm(out - full) / torch.linalg.vector_norm(full))
 
     d_am, d_recent = drift(am), drift(recent)
-    assert d_am < 0.05, d_am  # measured: 0.030 (recent keys: 0.052)
+    assert d_am < 0.05, d_am  # measured: 0.033 with the default 1 sink (4 sinks: 0.043; recent keys: 0.055)
     assert d_am < 0.8 * d_recent, (d_am, d_recent)

@@ -11,7 +11,7 @@ import torch
 from .core import METHODS, allocate_counts, compact_layer
 from .hf_cache import CompactedCacheLayer, CompactedDynamicCache, attention_layer_types
 from .queries import (QUERY_MODES, capture_layer_queries, instruction_ids, prefill_with_heldout_queries,
-                      prefill_with_queries, subsample)
+                      prefill_with_queries, repeat_copy_targets, subsample, subsample_index)
 from .quality import attention_match_metrics
 from .types import CompactedCache, CompactedLayer
 
@@ -73,19 +73,22 @@ def _tqdm(iterable, enabled: bool, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, leave=False)
 
 
-# The pipeline's default (compact_kv, compact_model_cache): 4 attention sinks and a recent window of a
-# quarter of each head's budget kept uncompacted, the rest compacted. Measured on SmolLM2 (2K context,
-# five kinds of text, 5-50x, bench/results/quality_smollm2_2048/window_default.md): it wins Python
-# source at 50x against every kvpress press (1.8144 against 1.8200; 1.8745 without), so 18 of the 20
-# text/ratio cells beat the best press (17 without), and it lowers the NLL on 11 of the 20;
-# compact_layer itself keeps sinks=0, window=0.
-PIPELINE_SINKS = 4
+# The pipeline's default (compact_kv, compact_model_cache): the first key (the attention sink) and a
+# recent window of a quarter of each head's budget kept uncompacted, the rest compacted; compact_layer
+# itself keeps sinks=0, window=0. Measured on SmolLM2 (2K context, five kinds of text, 5-50x): the
+# window wins Python source at 50x against every kvpress press (1.8144 against 1.8200; 1.8745
+# without, bench/results/quality_smollm2_2048/window_default.md); one sink instead of four frees 3
+# keys per head (270 of 3690 at 50x), which the induction heads need to recall planted facts at 50x
+# (0.9685 against 1.0471 with four sinks and KVzip's 0.9821, with the copy targets of
+# compact_model_cache; bench/results/quality_smollm2_2048/copy_lift/). SmolLM2's heads rest on the
+# first token only.
+PIPELINE_SINKS = 1
 PIPELINE_WINDOW = 0.25
 
 
 def compact_kv(kv, queries: Dict[int, torch.Tensor], budget, method: str = "highest_attention", *,
                scale: Optional[float] = None, ridge="auto", allocation: str = "mixed", sinks: int = PIPELINE_SINKS,
-               window=PIPELINE_WINDOW, progress: bool = False, **kwargs) -> CompactedCache:
+               window=PIPELINE_WINDOW, copy_targets=None, progress: bool = False, **kwargs) -> CompactedCache:
     """Compact precomputed per-layer ``(keys, values)`` with fixed reference queries.
 
     Args:
@@ -103,11 +106,26 @@ def compact_kv(kv, queries: Dict[int, torch.Tensor], budget, method: str = "high
             are used as given.
         sinks, window: kept uncompacted inside each head's budget (see
             :func:`cdlm_fast.compaction.compact_layer`); the pipeline's default is ``PIPELINE_SINKS``
-            = 4 first keys and a recent window of ``PIPELINE_WINDOW`` = a quarter of each head's
+            = 1 first key and a recent window of ``PIPELINE_WINDOW`` = a quarter of each head's
             budget (``sinks=0, window=0`` is Attention Matching over every key).
+        copy_targets: ``None``, an int64 ``[n]`` / ``[B, n]`` tensor (for every layer) or a dict
+            layer -> such a tensor: the key every reference query copies next, ``-1`` for none.
+            For repeat-prefill queries pass
+            :func:`cdlm_fast.compaction.queries.repeat_copy_targets` (as :func:`compact_model_cache`
+            does): a head that copies the context then keeps the keys it copies (see
+            :func:`cdlm_fast.compaction.core.allocate_counts`). Not used by ``allocation="uniform"``.
     """
     T = kv[0][0].shape[2]
-    budgets = _budgets(kv, queries, budget, allocation, scale)
+    if torch.is_tensor(copy_targets):
+        copy_targets = {i: copy_targets for i in queries}
+    elif isinstance(copy_targets, dict):
+        missing = sorted(set(queries) - set(copy_targets))
+        if missing:
+            raise ValueError(f"copy_targets has no entry for layers {missing} (one per layer of queries)")
+    elif copy_targets is not None:
+        raise TypeError(f"copy_targets must be None, an int64 tensor or a dict layer -> tensor, got "
+                        f"{type(copy_targets).__name__}")
+    budgets = _budgets(kv, queries, budget, allocation, scale, copy_targets=copy_targets)
     layers = [compact_layer(k, v, queries[i], budgets[i], method, scale=scale, ridge=ridge, logical_length=T,
                             sinks=sinks, window=window, **kwargs)
               for i, (k, v) in _tqdm(enumerate(kv), progress, len(kv), "compacting layers")]
@@ -140,7 +158,7 @@ def mixed_floor(uniform: int) -> int:
     return max(1, min(uniform, max(MIXED_FLOOR_MIN_KEYS, int(MIXED_FLOOR * uniform))))
 
 
-def _budgets(kv, queries, budget, allocation: str, scale, layers=None) -> list:
+def _budgets(kv, queries, budget, allocation: str, scale, layers=None, copy_targets=None) -> list:
     """Per-layer budgets: ``budget`` everywhere, or global per-head counts over ``layers`` (default all)."""
     if allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}")
@@ -158,8 +176,9 @@ def _budgets(kv, queries, budget, allocation: str, scale, layers=None) -> list:
         floor = mixed_floor(math.ceil(budget * T))
     elif allocation == "spread":
         spread = max(1, min(SPREAD_FLOOR_MAX, math.ceil(budget * T)))
+    targets = None if copy_targets is None else {j: copy_targets[i] for j, i in enumerate(layers)}
     counts = allocate_counts([kv[i] for i in layers], {j: queries[i] for j, i in enumerate(layers)}, budget,
-                             scale=scale, min_keys=floor, spread_floor=spread)
+                             scale=scale, min_keys=floor, spread_floor=spread, copy_targets=targets)
     out = [budget] * len(kv)
     for j, i in enumerate(layers):
         out[i] = counts[j]
@@ -224,14 +243,16 @@ def compact_model_cache(model, input_ids: torch.Tensor, *, ratio: Union[float, S
         allocation: ``"mixed"`` (default: every head keeps at least 10% of ``T / ratio`` keys and
             at least 20 (:func:`mixed_floor`), and the rest of the same total is spread over the
             full-attention layers' heads by a global top-k of the keys' maximum attention from the
-            fit queries; see
+            fit queries; in the repeat modes, a head that copies the repeated context (an induction
+            head) and gets fewer keys than it copies is lifted toward that many (the queries' copy
+            targets, :func:`cdlm_fast.compaction.queries.repeat_copy_targets`); see
             :func:`cdlm_fast.compaction.core.allocate_counts`), ``"global"`` (all of the total
             by that top-k), ``"spread"`` (floors from how many keys each head's queries
             effectively attend, at most 10; for recall of facts from the context, with
             ``window=0``) or ``"uniform"`` (every head keeps ``T / ratio`` keys). Heads are
             padded to the largest count of their layer (``report.stats`` gives usable and stored
             slots).
-        sinks, window: kept uncompacted inside each head's budget: by default the first 4 keys and
+        sinks, window: kept uncompacted inside each head's budget: by default the first key and
             the most recent quarter of the budget (see :func:`compact_kv`).
         seed: RNG seed of the split / subsampling.
         progress: show a tqdm bar over layers.
@@ -302,8 +323,13 @@ def _compact_prefilled(model, kv, qs, suffix, report: CompactionReport, *, budge
     budgets = [budget] * L
     if allocation != "uniform":  # the same fit queries as below (same generator sequence)
         g2 = torch.Generator().manual_seed(seed)
-        fit_q = {i: subsample(qs[i], max_queries, g2, holdout)[0] for i in full}
-        budgets = _budgets(kv, fit_q, budget, allocation, scale, layers=full)
+        fit_q, targets = {}, {}
+        for i in full:
+            idx, _ = subsample_index(qs[i].shape[2], max_queries, g2, holdout, qs[i].device)
+            fit_q[i] = qs[i][:, :, idx]
+            if queries != "context":  # the prefill's queries repeat the context: a copy target each
+                targets[i] = repeat_copy_targets(T, idx.cpu(), device=qs[i].device)
+        budgets = _budgets(kv, fit_q, budget, allocation, scale, layers=full, copy_targets=targets or None)
     plain = [CompactedCacheLayer(k, v, None, T) for k, v in kv]
     out_layers: List[CompactedLayer] = []
     t_queries = t_compact = t_eval = 0.0

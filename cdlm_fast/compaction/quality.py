@@ -213,14 +213,16 @@ def nll_table(model, tokenizer, text: str, ratios: Sequence[float] = (5, 10, 20,
     it evaluates Attention Matching (each method in ``methods``) and, on the same budget,
     keeping the highest-attention keys without the beta/value refit and StreamingLLM (4 sink
     tokens and the most recent keys). ``compact_kwargs`` go to
-    :func:`cdlm_fast.compaction.compact_layer` (e.g. ``aggregate``, ``sinks``, ``window``).
+    :func:`cdlm_fast.compaction.compact_layer` (e.g. ``aggregate``, ``sinks``, ``window``); with
+    repeat queries the copy targets of :func:`cdlm_fast.compaction.queries.repeat_copy_targets` go
+    to :func:`cdlm_fast.compaction.compact_kv`, as in :func:`cdlm_fast.compaction.compact_model_cache`.
 
     Returns:
         ``{"rows": [{"ratio", "t", "full", "am:<method>", "highest_attention_keys", "recent"}],
         "times": {...}, "context_tokens", "continuation_tokens", "markdown": str}``.
     """
     from .api import compact_kv
-    from .queries import instruction_ids, prefill_with_queries, subsample
+    from .queries import instruction_ids, prefill_with_queries, repeat_copy_targets, subsample_index
 
     ids = tokenizer(text, return_tensors="pt").input_ids.to(model.device)
     if ids.shape[1] < context_tokens + continuation_tokens:
@@ -233,8 +235,12 @@ def nll_table(model, tokenizer, text: str, ratios: Sequence[float] = (5, 10, 20,
     kv, qs, _ = prefill_with_queries(model, ctx, "context" if queries == "context" else "repeat", instr)
     times["prefill + queries"] = time.perf_counter() - t0
     gen = torch.Generator().manual_seed(0)
-    qs = {i: subsample(q, max_queries, gen)[0] for i, q in qs.items()}
+    fit = {i: subsample_index(q.shape[2], max_queries, gen, device=q.device)[0] for i, q in qs.items()}
+    qs = {i: q[:, :, fit[i]] for i, q in qs.items()}
     T = ctx.shape[1]
+    if queries != "context":  # the default pipeline's copy targets (as compact_model_cache passes them)
+        compact_kwargs.setdefault("copy_targets", {i: repeat_copy_targets(T, fit[i].cpu(), device=ids.device)
+                                                   for i in fit})
     scale = next(float(m.scaling) for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "layer_idx"))
     full = CompactedCache([CompactedLayer(k, v, torch.zeros(k.shape[:3], device=k.device), T) for k, v in kv], T)
     full_nll = continuation_nll(model, full, cont)

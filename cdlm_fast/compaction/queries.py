@@ -23,7 +23,8 @@ from .._hf_compat import cache_kwargs
 from .hf_attention import ATTN_NAME, QueryCapture, StopForward, capture_queries, register
 
 __all__ = ["QUERY_MODES", "DEFAULT_INSTRUCTION", "use_attention", "instruction_ids", "prefill_with_queries",
-           "prefill_with_heldout_queries", "capture_layer_queries", "subsample"]
+           "prefill_with_heldout_queries", "capture_layer_queries", "subsample", "subsample_index",
+           "repeat_copy_targets"]
 
 QUERY_MODES = ("repeat", "on_policy", "context")
 DEFAULT_INSTRUCTION = "\n\nRepeat the previous context verbatim.\n\n"
@@ -143,14 +144,53 @@ def capture_layer_queries(model, cache, suffix: torch.Tensor, layer_idx: int) ->
     return cap.get(layer_idx)
 
 
-def subsample(queries: torch.Tensor, max_queries: Optional[int], generator: Optional[torch.Generator] = None,
-              holdout: int = 0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Random split of ``[B, Hq, n, D]`` queries into ``(fit [<= max_queries], held-out [holdout])``."""
-    n = queries.shape[2]
-    perm = torch.randperm(n, generator=generator).to(queries.device)
+def subsample_index(n: int, max_queries: Optional[int], generator: Optional[torch.Generator] = None,
+                    holdout: int = 0, device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The random split of :func:`subsample` as indices: ``(fit [<= max_queries] sorted, held-out
+    [min(holdout, n // 4)])`` int64 positions in ``[0, n)`` (same draws from ``generator``)."""
+    perm = torch.randperm(n, generator=generator).to(device)
     hold = min(holdout, n // 4)
-    held = queries[:, :, perm[:hold]] if hold else None
     rest = perm[hold:]
     if max_queries is not None and rest.numel() > max_queries:
         rest = rest[:max_queries]
-    return queries[:, :, rest.sort().values], held
+    return rest.sort().values, perm[:hold]
+
+
+def subsample(queries: torch.Tensor, max_queries: Optional[int], generator: Optional[torch.Generator] = None,
+              holdout: int = 0) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Random split of ``[B, Hq, n, D]`` queries into ``(fit [<= max_queries], held-out [holdout])``
+    (``held-out`` is ``None`` when empty); :func:`subsample_index` gives the positions."""
+    fit, held = subsample_index(queries.shape[2], max_queries, generator, holdout, queries.device)
+    return queries[:, :, fit], (queries[:, :, held] if held.numel() else None)
+
+
+def repeat_copy_targets(T: int, index: Optional[torch.Tensor] = None, offset: int = 0, device=None) -> torch.Tensor:
+    """``[n]`` int64: for every repeat-prefill query the context key it copies next, ``-1`` for none.
+
+    The query that repeats context token ``j`` has to write token ``j + 1`` next, so an induction
+    (copying) head puts its weight on key ``j + 1``; the last token's query has no target. Pass
+    the result as ``copy_targets`` of :func:`cdlm_fast.compaction.compact_kv` (with queries of
+    :func:`prefill_with_queries` in ``"repeat"`` mode).
+
+    Args:
+        T: context length (the queries repeat tokens ``0..T-1``).
+        index: the queries kept, ``[n]`` positions among the ``offset + T`` captured ones (e.g. the
+            fit indices of :func:`subsample_index`); all of them by default.
+        offset: queries before the repeated context (the instruction's, as captured by
+            :func:`capture_layer_queries`), whose target is ``-1``.
+    """
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"T must be an int >= 1, got {T!r}")
+    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+        raise ValueError(f"offset must be an int >= 0, got {offset!r}")
+    t = torch.cat([torch.full((offset,), -1, dtype=torch.int64), torch.arange(1, T + 1, dtype=torch.int64)])
+    t[-1] = -1
+    if index is not None:
+        index = torch.as_tensor(index)
+        if index.dtype not in (torch.int32, torch.int64) or index.dim() != 1:
+            raise TypeError(f"index must be a 1-D integer tensor, got {index.dtype} {tuple(index.shape)}")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= offset + T):
+            raise ValueError(f"index must lie in [0, offset + T = {offset + T}), got values in "
+                             f"[{int(index.min())}, {int(index.max())}]")
+        t = t[index.long().cpu()]
+    return t.to(device)

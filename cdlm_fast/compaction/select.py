@@ -21,7 +21,7 @@ import torch
 from ..ops.gram import exp_gram
 from ..ops.solvers import nnls_gram
 
-__all__ = ["softmax_weight_chunks", "highest_attention_scores", "max_softmax_weights", "attention_spread", "softmax_blocks", "top_keys", "omp_select", "forced_keys",
+__all__ = ["softmax_weight_chunks", "highest_attention_scores", "max_softmax_weights", "attention_spread", "copy_weights", "softmax_blocks", "top_keys", "omp_select", "forced_keys",
            "refill_slots", "residual_gain", "sort_slots", "SoftmaxWeights"]
 
 
@@ -157,7 +157,7 @@ def softmax_blocks(Qf, Kt, kb, scale, rows, out=None):
 
 
 def max_softmax_weights(Q, K, scale, key_bias=None, query_weight=None, rows: int = 256, *,
-                        with_spread: bool = False):
+                        with_spread: bool = False, copy_targets: Optional[torch.Tensor] = None):
     """``[P, T]``: every key's largest softmax weight over the queries of ``query_weight`` > 0 (all by
     default), ``-1`` for keys with ``key_bias = -inf`` -- :func:`highest_attention_scores` with
     ``reduce="max"``, computed by blocks of ``rows`` queries without the log-masses (one GEMM and one
@@ -166,8 +166,17 @@ def max_softmax_weights(Q, K, scale, key_bias=None, query_weight=None, rows: int
     With ``with_spread``, returns ``(max_weights, spread)``: ``spread`` ``[P, N]`` float32 every
     query's participation ratio ``1 / sum_j a_ij^2`` (the number of keys it effectively attends: 1
     for a query on one key, ``T`` for a uniform one; NaN for queries left out by ``query_weight`` or
-    that see no key), from the same blocks (see :func:`attention_spread`)."""
+    that see no key), from the same blocks (see :func:`attention_spread`).
+
+    With ``copy_targets`` ``[P, N]`` int64 (a key index per query, ``-1`` for none), returns
+    ``(max_weights, spread or None, copy)``: ``copy`` ``[P, N]`` float32 the softmax weight of every
+    query on its target key (0 without a target), from the same blocks (see :func:`copy_weights`)."""
     P, N, _ = Q.shape
+    copy = None
+    if copy_targets is not None:
+        copy = torch.zeros(P, N, dtype=torch.float32, device=Q.device)
+        has = copy_targets >= 0
+        tgt = copy_targets.clamp(min=0)
     kb = None if key_bias is None else key_bias.float()[:, None, :]
     out = torch.zeros(P, K.shape[1], dtype=torch.float32, device=Q.device)
     spread = torch.full((P, N), float("nan"), dtype=torch.float32, device=Q.device) if with_spread else None
@@ -175,6 +184,9 @@ def max_softmax_weights(Q, K, scale, key_bias=None, query_weight=None, rows: int
         keep = torch.isfinite(m)
         if query_weight is not None:
             keep = keep & (query_weight[p, i0:i1] > 0)
+        if copy is not None:
+            w = a.gather(1, tgt[p, i0:i1, None])[:, 0]
+            copy[p, i0:i1] = torch.where(keep & has[p, i0:i1], w, torch.zeros_like(w))
         if with_spread:  # a row that sees no key is NaN here and left out by keep
             sq = torch.linalg.vector_norm(a, dim=-1).square()
             spread[p, i0:i1] = torch.where(keep & (sq > 0), 1.0 / sq, torch.full_like(sq, float("nan")))
@@ -184,7 +196,27 @@ def max_softmax_weights(Q, K, scale, key_bias=None, query_weight=None, rows: int
             torch.maximum(out[p], a.amax(0), out=out[p])
     if key_bias is not None:
         out = out.masked_fill(torch.isneginf(key_bias), -1.0)
+    if copy is not None:
+        return out, spread, copy
     return (out, spread) if with_spread else out
+
+
+def copy_weights(Q, K, lse, scale, copy_targets, key_bias=None) -> torch.Tensor:
+    """``[P, N]`` float32: every query's softmax weight on its target key, ``exp(scale q_i . k_t(i) +
+    key_bias_t(i) - lse_i)``, 0 where ``copy_targets`` is ``-1`` or ``lse`` is not finite.
+
+    For repeat-prefill queries the target of the query that repeats token ``i`` is key ``i + 1``, the
+    token it has to write next: an induction (copying) head puts most of its weight there. ``Q``
+    ``[P, N, D]``, ``K`` ``[P, T, D]``, ``lse`` ``[P, N]``, ``copy_targets`` ``[P, N]`` int64,
+    ``key_bias`` ``[P, T]``."""
+    has = (copy_targets >= 0) & torch.isfinite(lse)
+    tgt = copy_targets.clamp(min=0)
+    Kt = K.float().gather(1, tgt[:, :, None].expand(-1, -1, K.shape[2]))
+    logit = (Q.float() * Kt).sum(-1) * scale
+    if key_bias is not None:
+        logit = logit + key_bias.float().gather(1, tgt)
+    w = torch.exp(logit - torch.where(has, lse, torch.zeros_like(lse)))
+    return torch.where(has & torch.isfinite(w), w, torch.zeros_like(w))
 
 
 def attention_spread(Q, K, lse, scale, key_bias=None, query_weight=None) -> torch.Tensor:
