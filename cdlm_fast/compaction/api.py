@@ -36,7 +36,9 @@ class CompactionReport:
             that used the fallback, ``"refill_rounds"``, ``"slots_refilled"``, ``"dead_slots"``
             left unusable, ``"ridge_chosen"`` (relative ridge -> number of heads),
             ``"usable_slots"`` and ``"stored_slots"`` (slots held in memory, padding included:
-            the memory cost of non-uniform budgets).
+            the memory cost of non-uniform budgets), ``"compacted_heads"`` (``B * Hkv`` summed over
+            the compacted layers: ``usable_slots / compacted_heads`` keys are kept per head on
+            average).
         fit_queries, heldout_queries: reference queries per query head and layer used by the
             fit, and used only for the metrics (``holdout``; in the repeat modes queries of the
             context's own prefill, see :func:`compact_model_cache`); the two sets are disjoint.
@@ -61,8 +63,14 @@ class CompactionReport:
             vals = [d[key] for d in self.layers if key in d]
             return sum(vals) / len(vals) if vals else float("nan")
         times = ", ".join(f"{k} {v:.2f}s" for k, v in self.times.items())
-        return (f"{self.method}/{self.queries}: T={self.logical_length} -> t={self.compacted_length} "
-                f"({self.logical_length / max(1, self.compacted_length):.1f}x); held-out attention rel. error "
+        heads = self.stats.get("compacted_heads", 0)
+        if heads:  # non-uniform budgets: the largest layer's t says little about the compression
+            kept = self.stats.get("usable_slots", 0) / heads
+            size = (f"{kept:.1f} keys per head on average ({self.logical_length / max(kept, 1e-9):.1f}x; "
+                    f"largest layer t={self.compacted_length})")
+        else:
+            size = f"t={self.compacted_length} ({self.logical_length / max(1, self.compacted_length):.1f}x)"
+        return (f"{self.method}/{self.queries}: T={self.logical_length} -> {size}; held-out attention rel. error "
                 f"{mean('rel_error'):.4f}, cosine {mean('cosine'):.4f}, mass error {mean('mass_error'):.4f}; {times}")
 
 
@@ -356,6 +364,7 @@ def _compact_prefilled(model, kv, qs, suffix, report: CompactionReport, *, budge
         layer = compact_layer(k, v, q_fit, budgets[i], method, scale=scale, ridge=ridge, logical_length=T,
                               timings=stages, stats=stats, **kwargs)
         stats["usable_slots"] = stats.get("usable_slots", 0) + int(layer.counts.sum())
+        stats["compacted_heads"] = stats.get("compacted_heads", 0) + layer.counts.numel()  # B * Hkv per layer
         stats["stored_slots"] = stats.get("stored_slots", 0) + int(layer.bias.numel())  # incl. padding
         t3 = time.perf_counter()
         if q_held is not None:
