@@ -96,7 +96,8 @@ def resolve_counts(budget: Budget, B: int, Hkv: int, T: int, device) -> torch.Te
 # copy_lift/): at 50x the top-k gave the induction head of layer 18 (KV head 2, c ~ 1590 of 2048
 # keys) 1091 keys and the recall probe was lost (1.4613 against KVzip's 0.9821); lifted, it keeps
 # 1574 and recall is 0.9685 (with one sink). At 20x a few heads move by at most 48 keys; at 5x and 10x
-# no head is short of its copy count and nothing changes.
+# no head is short of its copy count and nothing changes. On other draws of the recall probe the 50x
+# win does not hold (copy_lift/summary.md: 1.14-1.68 against KVzip's 0.82-1.12).
 COPY_LIFT_GAMMA = 2.0
 
 
