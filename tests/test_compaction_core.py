@@ -660,17 +660,25 @@ def test_uneven_budgets_compacted_head_by_head_match_the_batched_path(monkeypatc
     assert st_split == st_batched
 
 
-def test_max_softmax_weights_match_the_max_scores():
-    # the blocked maximum (the CPU path of allocate_counts) is highest_attention_scores(reduce="max"),
-    # with masked keys, excluded queries and a problem whose keys are all masked
-    from cdlm_fast.compaction.select import max_softmax_weights
-
-    g = torch.Generator().manual_seed(8)
+def _masked_problems(seed: int):
+    """``(g, Q [3, 70, 16], K [3, 45, 16], bias [3, 45])`` for the blocked-softmax tests: keys 3-5
+    masked in every problem, every key of problem 2 masked; ``g`` continues the draws."""
+    g = torch.Generator().manual_seed(seed)
     P, N, T, D = 3, 70, 45, 16
     Q, K = torch.randn(P, N, D, generator=g) * 2, torch.randn(P, T, D, generator=g)
     bias = torch.zeros(P, T)
     bias[:, 3:6] = float("-inf")
     bias[2] = float("-inf")
+    return g, Q, K, bias
+
+
+def test_max_softmax_weights_match_the_max_scores():
+    # the blocked maximum (the CPU path of allocate_counts) is highest_attention_scores(reduce="max"),
+    # with masked keys, excluded queries and a problem whose keys are all masked
+    from cdlm_fast.compaction.select import max_softmax_weights
+
+    g, Q, K, bias = _masked_problems(8)
+    P, N, T = 3, 70, 45
     qw = (torch.rand(P, N, generator=g) > 0.3).float()
     got = max_softmax_weights(Q, K, 0.3, bias, qw, rows=16)
     S = 0.3 * Q.double() @ K.double().mT + bias.double()[:, None]
@@ -686,13 +694,9 @@ def test_attention_spread_matches_the_participation_ratio_on_both_paths():
     # log-masses (generic path); NaN for excluded queries and for a problem whose keys are all masked
     from cdlm_fast.compaction.select import attention_spread, max_softmax_weights
 
-    g = torch.Generator().manual_seed(21)
-    P, N, T, D = 3, 70, 45, 16
-    Q, K = torch.randn(P, N, D, generator=g) * 2, torch.randn(P, T, D, generator=g)
+    g, Q, K, bias = _masked_problems(21)
+    P, N, T = 3, 70, 45
     Q[0, :5] = 0.0  # uniform queries: spread T (minus the 3 masked keys)
-    bias = torch.zeros(P, T)
-    bias[:, 3:6] = float("-inf")
-    bias[2] = float("-inf")
     qw = (torch.rand(P, N, generator=g) > 0.3).float()
     qw[0, :5] = 1.0
     S = 0.3 * Q.double() @ K.double().mT + bias.double()[:, None]
@@ -735,12 +739,8 @@ def test_copy_weights_match_a_float64_softmax_on_both_paths():
     # query_weight, or in a problem whose keys are all masked
     from cdlm_fast.compaction.select import copy_weights, max_softmax_weights
 
-    g = torch.Generator().manual_seed(31)
-    P, N, T, D = 3, 70, 45, 16
-    Q, K = torch.randn(P, N, D, generator=g) * 2, torch.randn(P, T, D, generator=g)
-    bias = torch.zeros(P, T)
-    bias[:, 3:6] = float("-inf")
-    bias[2] = float("-inf")
+    g, Q, K, bias = _masked_problems(31)
+    P, N, T = 3, 70, 45
     tgt = torch.randint(0, T, (P, N), generator=g)
     tgt[:, ::7] = -1
     tgt[0, 1] = 4  # a masked target: weight 0
