@@ -336,7 +336,7 @@ def _compact_prefilled(model, kv, qs, suffix, report: CompactionReport, *, budge
             idx, _ = subsample_index(qs[i].shape[2], max_queries, g2, holdout, qs[i].device)
             fit_q[i] = qs[i][:, :, idx]
             if queries != "context":  # the prefill's queries repeat the context: a copy target each
-                targets[i] = repeat_copy_targets(T, idx.cpu(), device=qs[i].device)
+                targets[i] = repeat_copy_targets(T, idx, device=qs[i].device)
         budgets = _budgets(kv, fit_q, budget, allocation, scale, layers=full, copy_targets=targets or None)
     plain = [CompactedCacheLayer(k, v, None, T) for k, v in kv]
     out_layers: List[CompactedLayer] = []

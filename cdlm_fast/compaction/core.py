@@ -146,7 +146,7 @@ def allocate_counts(kv, queries, budget: float, *, scale: Optional[float] = None
     if spread_floor is not None and (isinstance(spread_floor, bool) or not isinstance(spread_floor, int)
                                      or spread_floor < 1):
         raise ValueError(f"spread_floor must be None or an int >= 1, got {spread_floor!r}")
-    scores, floor_list, copies = [], [], []
+    scores, floored, copies = [], [], []
     lo = max(int(min_keys), 1)
     for i, (k, v) in enumerate(kv):
         B, Hkv, T, D = k.shape
@@ -181,7 +181,8 @@ def allocate_counts(kv, queries, budget: float, *, scale: Optional[float] = None
             med = spread.nanmedian(1).values.nan_to_num(float(lo))
             floors = med.round().clamp(lo, max(lo, spread_floor)).long().clamp(max=T)
         scores.append(s_)
-        floor_list.append(floors)
+        # every head keeps its best floors[h] keys (counted first); the lift below keeps each head's order
+        floored.append(s_.argsort(1, descending=True).argsort(1) < floors[:, None])
         if copy is not None:  # [P, G * n] -> mean weight on the target per query head, the group's largest, x T
             has = (tgt >= 0).reshape(B * Hkv, G, -1)
             mean = copy.reshape(B * Hkv, G, -1).sum(-1) / has.sum(-1).clamp(min=1)
@@ -190,25 +191,21 @@ def allocate_counts(kv, queries, budget: float, *, scale: Optional[float] = None
     T = kv[0][0].shape[2]
     Hkv = kv[0][0].shape[1]
     total = min(math.ceil(budget * T) * Hkv * L, Hkv * T * L)
-    counts = _top_counts(scores, floor_list, B, L, Hkv, T, total)
+    counts = _top_counts(scores, floored, B, L, Hkv, T, total)
     if copies:  # lift the scores of the heads short of their copy count, then the top-k again
         lifted = []
         for l, (s_, c) in enumerate(zip(scores, copies)):
             short = counts[:, l].reshape(-1) < c.round().long()
             p = torch.where(short, (1 - c / T).clamp(min=0) ** COPY_LIFT_GAMMA, torch.ones_like(c))
             lifted.append(torch.where(s_ > 0, s_.clamp(min=0) ** p[:, None], s_))
-        counts = _top_counts(lifted, floor_list, B, L, Hkv, T, total)
+        counts = _top_counts(lifted, floored, B, L, Hkv, T, total)
     return [counts[:, l].to(torch.int64) for l in range(L)]
 
 
-def _top_counts(scores, floor_list, B, L, Hkv, T, total) -> torch.Tensor:
+def _top_counts(scores, floored, B, L, Hkv, T, total) -> torch.Tensor:
     """``[B, L, Hkv]`` how many of the ``total`` best keys over all layers and heads each head holds,
-    every head's best ``floors[h]`` keys counted first."""
-    ranked = []
-    for s_, floors in zip(scores, floor_list):
-        rank = s_.argsort(1, descending=True).argsort(1)
-        ranked.append(s_.masked_fill(rank < floors[:, None], float("inf")).reshape(B, Hkv * T))
-    flat = torch.cat(ranked, 1)  # [B, L * Hkv * T]
+    the keys of ``floored`` (per layer ``[B * Hkv, T]`` bool) counted first."""
+    flat = torch.cat([s_.masked_fill(f, float("inf")).reshape(B, Hkv * T) for s_, f in zip(scores, floored)], 1)
     top = flat.topk(total, dim=1).indices
     hit = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True)
     return hit.reshape(B, L, Hkv, T).sum(-1)

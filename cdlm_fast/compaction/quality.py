@@ -239,8 +239,7 @@ def nll_table(model, tokenizer, text: str, ratios: Sequence[float] = (5, 10, 20,
     qs = {i: q[:, :, fit[i]] for i, q in qs.items()}
     T = ctx.shape[1]
     if queries != "context":  # the default pipeline's copy targets (as compact_model_cache passes them)
-        compact_kwargs.setdefault("copy_targets", {i: repeat_copy_targets(T, fit[i].cpu(), device=ids.device)
-                                                   for i in fit})
+        compact_kwargs.setdefault("copy_targets", {i: repeat_copy_targets(T, fit[i], device=ids.device) for i in fit})
     scale = next(float(m.scaling) for m in model.modules() if hasattr(m, "scaling") and hasattr(m, "layer_idx"))
     full = CompactedCache([CompactedLayer(k, v, torch.zeros(k.shape[:3], device=k.device), T) for k, v in kv], T)
     full_nll = continuation_nll(model, full, cont)
